@@ -1,0 +1,66 @@
+"""PK batches: P classes x K images, a pure function of (seed, step).
+
+Batch `step` depends on nothing but the seed and the step number, so a run resumed at step t draws
+exactly the batches an uninterrupted run would, and batches can be prepared in any order by any worker.
+
+Small classes. A class with fewer than K images (but at least 2) fills its K slots by drawing its images
+with replacement, so an image can appear twice in a batch (as two augmented views). A class with a single
+image gives no positive pair and is never drawn. Both cases are reported once, when the sampler is built;
+if fewer than P classes remain, building the sampler fails with an error that says what to change.
+"""
+
+import logging
+
+import numpy as np
+
+
+class PKSampler:
+  """Indices of P classes x K images per batch (class-major order: the K images of a class are adjacent).
+
+  Args:
+    labels: [N] class label of every example of the split.
+    classes_per_batch: P.
+    samples_per_class: K.
+    seed: the sampling seed.
+  """
+
+  def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int):
+    labels = np.asarray(labels)
+    if classes_per_batch < 1 or samples_per_class < 2:
+      raise ValueError(f"PK batches need P >= 1 and K >= 2, got P={classes_per_batch}, "
+                       f"K={samples_per_class}: set data.classes_per_batch and data.samples_per_class.")
+    order = np.argsort(labels, kind="stable")
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    members = np.split(order, starts[1:])
+    eligible = counts >= 2
+    if not eligible.all():
+      logging.warning("PK sampler: %d classes have a single image and are never drawn: %s",
+                      (~eligible).sum(), classes[~eligible][:20].tolist())
+    small = eligible & (counts < samples_per_class)
+    if small.any():
+      logging.warning("PK sampler: %d classes have fewer than K=%d images; their images are drawn "
+                      "with replacement.", small.sum(), samples_per_class)
+    self.classes = classes[eligible]
+    self._members = [m for m, ok in zip(members, eligible) if ok]
+    if len(self.classes) < classes_per_batch:
+      raise ValueError(
+          f"PK batches need P={classes_per_batch} classes with at least 2 images each, but the split "
+          f"has only {len(self.classes)}: lower data.classes_per_batch.")
+    self.classes_per_batch = classes_per_batch
+    self.samples_per_class = samples_per_class
+    self.seed = seed
+
+  @property
+  def batch_size(self) -> int:
+    return self.classes_per_batch * self.samples_per_class
+
+  def batch_indices(self, step: int) -> np.ndarray:
+    """Example indices [P * K] of batch `step`."""
+    rng = np.random.default_rng([self.seed, step])
+    picked = rng.choice(len(self.classes), self.classes_per_batch, replace=False)
+    indices = []
+    for c in picked:
+      members = self._members[c]
+      replace = len(members) < self.samples_per_class
+      indices.append(rng.choice(members, self.samples_per_class, replace=replace))
+    return np.concatenate(indices)

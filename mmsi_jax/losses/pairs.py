@@ -1,0 +1,100 @@
+"""The unified pair/triplet form (DESIGN.md section 3).
+
+Every pair or triplet loss here is a function `loss(S, pos, neg, **hparams) -> scalar` of the cosine
+similarity matrix S [B, M] between B anchors and M references and of two boolean masks [B, M]:
+`pos` (same label, not the same sample, reference slot valid) and `neg` (different label, slot valid).
+Because parameters reach the loss only through S,
+
+    dL/dtheta = sum_ij W_ij dS_ij/dtheta,    W_ij = dL/dS_ij,
+
+so a miner that re-weights pairs multiplies W by m [B, M] >= 0 and trains on
+L_m = sum_ij m_ij * stop_gradient(W_ij) * S_ij (`weighted_pair_loss`).
+
+The reference set is the batch itself (the anchor's own column excluded), optionally followed by extra
+reference rows such as a memory of past embeddings, each with a validity flag.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+PairLossFn = Callable[..., jax.Array]
+
+
+class Pairs(NamedTuple):
+  """Similarities and masks of B anchors against M references.
+
+  Attributes:
+    sim: [B, M] cosine similarities (embeddings are L2-normalised).
+    pos: [B, M] bool, same label, different sample, valid reference.
+    neg: [B, M] bool, different label, valid reference.
+  """
+  sim: jax.Array
+  pos: jax.Array
+  neg: jax.Array
+
+
+def build_pairs(embeddings: jax.Array, labels: jax.Array, *,
+                ref_embeddings: Optional[jax.Array] = None,
+                ref_labels: Optional[jax.Array] = None,
+                ref_valid: Optional[jax.Array] = None) -> Pairs:
+  """Pairs of a batch against itself and, optionally, against extra references.
+
+  Args:
+    embeddings: [B, D] anchors (L2-normalised).
+    labels: [B] int class labels.
+    ref_embeddings: [R, D] optional extra references (e.g. a memory), appended after the batch.
+    ref_labels: [R] their labels; required with `ref_embeddings`.
+    ref_valid: [R] bool, which extra rows hold data (an unfilled memory slot is invalid).
+
+  Returns:
+    Pairs with M = B (+ R): column j < B is batch sample j, column B + r is reference r.
+  """
+  batch_size = embeddings.shape[0]
+  refs, all_labels = embeddings, labels
+  valid = jnp.ones((batch_size,), bool)
+  if ref_embeddings is not None:
+    if ref_labels is None:
+      raise ValueError("ref_labels is required when ref_embeddings is given.")
+    if ref_valid is None:
+      ref_valid = jnp.ones(ref_labels.shape, bool)
+    refs = jnp.concatenate([embeddings, ref_embeddings.astype(embeddings.dtype)], axis=0)
+    all_labels = jnp.concatenate([labels, ref_labels.astype(labels.dtype)], axis=0)
+    valid = jnp.concatenate([valid, ref_valid.astype(bool)], axis=0)
+  num_refs = refs.shape[0]
+  sim = embeddings @ refs.T
+  not_self = jnp.arange(num_refs)[None, :] != jnp.arange(batch_size)[:, None]
+  same = labels[:, None] == all_labels[None, :]
+  pos = same & not_self & valid[None, :]
+  neg = ~same & valid[None, :]
+  return Pairs(sim, pos, neg)
+
+
+def pair_weights(loss_fn: PairLossFn, pairs: Pairs, **hparams) -> jax.Array:
+  """W = dL/dS [B, M] of a pair loss: sign says push (+) or pull (-), size says how hard."""
+  return jax.grad(lambda sim: loss_fn(sim, pairs.pos, pairs.neg, **hparams))(pairs.sim)
+
+
+def weighted_pair_loss(sim: jax.Array, weights: jax.Array,
+                       multipliers: Optional[jax.Array] = None) -> jax.Array:
+  """L_m = sum_ij m_ij * stop_gradient(W_ij) * S_ij: its gradient is the loss's, re-weighted by m.
+
+  Args:
+    sim: [B, M] similarities, differentiable.
+    weights: [B, M] pair weights W = dL/dS (held constant).
+    multipliers: [B, M] per-pair multipliers m >= 0 (differentiable: MMSI differentiates through them);
+      None means m = 1, which reproduces the loss's own gradient.
+  """
+  weights = jax.lax.stop_gradient(weights)
+  if multipliers is not None:
+    weights = multipliers * weights
+  return jnp.sum(weights * sim)
+
+
+def masked_log1p_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """log(1 + sum_j mask_ij exp(logits_ij)) per row [B], stable for large logits; 0 for an empty row."""
+  shift = jax.lax.stop_gradient(
+      jnp.maximum(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True), 0.0))
+  terms = jnp.where(mask, jnp.exp(jnp.where(mask, logits, 0.0) - shift), 0.0)
+  return jnp.log(jnp.exp(-shift[..., 0]) + jnp.sum(terms, axis=-1)) + shift[..., 0]

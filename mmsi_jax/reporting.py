@@ -1,0 +1,90 @@
+"""What a run shows and leaves behind: metrics.jsonl, TensorBoard events, progress lines, a final table."""
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Every record of <workdir>/metrics.jsonl, in order ([] when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+  """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to TensorBoard events.
+
+  Resuming at `resume_step` drops the records of later steps (a killed run may have written them after
+  its last checkpoint; the resumed run writes them again, identically) from both outputs.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self._path = os.path.join(workdir, METRICS_FILE)
+    kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+    tmp_path = self._path + ".tmp"
+    with open(tmp_path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp_path, self._path)
+    self._file = open(self._path, "a")
+    self._tensorboard = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, metrics: dict) -> None:
+    self._file.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    self._file.flush()
+    for key, value in metrics.items():
+      self._tensorboard.add_scalar(key, value, int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    self._file.close()
+    self._tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+  """Progress lines with step rate and ETA; the rate leaves out the first step (compilation)."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self._total = total_steps
+    self._start_time: Optional[float] = None
+    self._start_step = start_step
+
+  def line(self, step: int, metrics: dict) -> str:
+    now = time.perf_counter()
+    if self._start_time is None:  # First report: timing starts here.
+      self._start_time, self._start_step = now, step
+      rate = math.nan
+    else:
+      rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
+    eta = (self._total - step) / rate if rate > 0 else math.nan
+    parts = [f"step {step:>{len(str(self._total))}}/{self._total}"]
+    parts += [f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()]
+    parts.append(f"{rate:.1f} steps/s" if rate == rate else "compiling")
+    if eta == eta:
+      parts.append(f"ETA {_duration(eta)}")
+    return "  ".join(parts)
+
+
+def format_table(rows: dict[str, dict], columns: list[str]) -> str:
+  """A plain-text table: one row per name, one column per metric key (missing cells left blank)."""
+  header = ["", *columns]
+  body = [[name, *(f"{row[c]:.4f}" if c in row else "" for c in columns)]
+          for name, row in rows.items()]
+  widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+  lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header, *body]]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
