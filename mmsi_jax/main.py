@@ -19,16 +19,25 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else text
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that turns a wrong config override into a one-line error."""
+  """absl flag parsing that turns a wrong config file or override into a short error, no traceback."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"Error: {e}\nPass --helpfull to list the flags.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = e.args[0] if e.args else str(e)
-    sys.exit(f"Error in the config overrides {[a for a in argv[1:] if a.startswith('--config.')]}: "
-             f"{str(message).strip(chr(39))}")
+    message = str(e)
+    if "Traceback" in message:  # An exception raised by the config file: keep its own message.
+      message = f"{message.splitlines()[0]} {_last_line(message)}"
+    sys.exit(f"Error: {message}\nPass --helpfull to list the flags.")
+  except (AttributeError, KeyError) as e:
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    detail = " ".join(part.strip("'\" ") for part in
+                      str(e).encode().decode("unicode_escape").splitlines())
+    sys.exit(f"Error: unknown config key in {overrides}: {detail}")
 
 
 def main(argv: list[str]) -> None:
@@ -38,7 +47,6 @@ def main(argv: list[str]) -> None:
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, PermissionError, FileNotFoundError, train.NonFiniteLossError) as e:
-    logging.error("%s", e)
     sys.exit(f"Error: {e}")
 
 

@@ -130,7 +130,7 @@ def make_train_step(model, tx: optax.GradientTransformation, pair_loss: Callable
     grads, (batch_stats, metrics) = jax.grad(loss_and_aux, has_aux=True)(state.params, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)
     return dataclasses.replace(state, step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, rng=rng), metrics

@@ -119,9 +119,9 @@ def _padded_batch(records: list, batch_size: int) -> dict:
   }
 
 
-def eval_batches(source, batch_size: int, num_threads: int = 4) -> Iterator[dict]:
+def eval_batches(source, batch_size: int, num_threads: int = 2) -> Iterator[dict]:
   """The whole split in order, in batches of fixed shape; "mask" [B] marks the real rows."""
   dataset = grain.MapDataset.source(source).batch(
       batch_size, batch_fn=functools.partial(_padded_batch, batch_size=batch_size))
   return iter(dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)))

@@ -1,0 +1,154 @@
+"""The train loop end to end on the built-in dataset: learning, outputs, exact resume and errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from configs import demo
+from mmsi_jax import losses, reporting, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, num_steps=20):
+  config = demo.get_config()
+  config.data.data_dir = data_dir
+  config.data.classes_per_batch = 8
+  config.data.samples_per_class = 4
+  config.data.eval_batch_size = 600
+  config.model.widths = (8, 16)
+  config.model.embed_dim = 16
+  config.train.num_steps = num_steps
+  config.train.log_every = 5
+  config.train.eval_every = 10
+  config.train.checkpoint_every = 10
+  config.optim.warmup_steps = 2
+  config.optim.learning_rate = 5e-3
+  config.optim.schedule = "constant"
+  return config
+
+
+def latest_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mngr.latest_step()
+  return step, mngr.restore(step, args=ocp.args.StandardRestore())
+
+
+def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  final = train.train_and_evaluate(tiny_config(glyphs_dir), workdir)
+  records = reporting.read_metrics(workdir)
+  train_losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert [r["step"] for r in records if "train/loss" in r] == [5, 10, 15, 20]
+  assert train_losses[-1] < train_losses[0]
+  baseline = [r for r in records if "baseline/recall@1" in r]
+  assert len(baseline) == 1 and {"baseline/map@r"} <= set(baseline[0])
+  evals = [r for r in records if "test/recall@1" in r]
+  assert [r["step"] for r in evals] == [10, 20]
+  for key in ("test/recall@1", "test/recall@2", "test/recall@4", "test/recall@8", "test/map@r"):
+    assert 0.0 <= evals[-1][key] <= 1.0
+  assert final["test/recall@1"] == evals[-1]["test/recall@1"]
+  # Even 20 tiny steps beat raw pixels, which retrieve poorly on this dataset.
+  assert baseline[0]["baseline/recall@1"] < 0.5
+  assert final["test/recall@1"] > baseline[0]["baseline/recall@1"]
+  # TensorBoard reads the events without TensorFlow.
+  accumulator = event_accumulator.EventAccumulator(workdir)
+  accumulator.Reload()
+  assert [e.step for e in accumulator.Scalars("train/loss")] == [5, 10, 15, 20]
+  assert "tensorflow" not in sys.modules
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch):
+  config = tiny_config(glyphs_dir)
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+
+  killed = str(tmp_path / "killed")
+  real_make_train_step = train.make_train_step
+
+  def make_dying_train_step(*args):
+    step_fn = real_make_train_step(*args)
+    calls = []
+
+    def dying(state, batch):
+      calls.append(1)
+      if len(calls) == 17:  # Killed after the step-10 checkpoint and the step-15 log line.
+        raise KeyboardInterrupt
+      return step_fn(state, batch)
+    return dying
+
+  monkeypatch.setattr(train, "make_train_step", make_dying_train_step)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, killed)
+  monkeypatch.setattr(train, "make_train_step", real_make_train_step)
+  assert max(r["step"] for r in reporting.read_metrics(killed)) == 15
+  # A checkpoint half-written by the kill: a temporary directory with partial content.
+  partial = os.path.join(killed, "checkpoints", "15.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(partial, "default"))
+  with open(os.path.join(partial, "default", "junk"), "wb") as f:
+    f.write(b"\x00" * 100)
+
+  train.train_and_evaluate(config, killed)
+  assert reporting.read_metrics(killed) == reporting.read_metrics(straight)
+  step_a, state_a = latest_params(straight)
+  step_b, state_b = latest_params(killed)
+  assert step_a == step_b == 20
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  assert not os.path.exists(partial)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    glyphs_dir, tmp_path, monkeypatch):
+  config = tiny_config(glyphs_dir, num_steps=10)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+
+  def exploding(sim, pos, neg):
+    return jnp.sum(jnp.where(pos, sim, 0.0)) * jnp.nan
+
+  monkeypatch.setitem(losses._PAIR_LOSSES, "exploding", exploding)
+  config.loss.name = "exploding"
+  config.loss.hparams = {}
+  config.train.num_steps = 20
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 11.*checkpoint is step 10"):
+    train.train_and_evaluate(config, workdir)
+  assert latest_params(workdir)[0] == 10
+
+
+def test_invalid_settings_fail_before_any_work(glyphs_dir, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match="Cannot write to workdir"):
+    train.train_and_evaluate(tiny_config(glyphs_dir), str(blocker / "run"))
+  config = tiny_config(glyphs_dir)
+  config.loss.hparams.alpah = 2.0
+  with pytest.raises(ValueError, match="loss.hparams.alpah"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config = tiny_config(glyphs_dir)
+  config.train.checkpoint_every = 7
+  with pytest.raises(ValueError, match="multiple of train.log_every"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.num_stepz=5", "num_stepz"),
+    ("--config.train.num_steps=abc", "invalid literal"),
+])
+def test_command_line_rejects_a_wrong_config_override(tmp_path, override, message):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "mmsi_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+       override], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
