@@ -40,6 +40,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.loss.hparams.base = 0.5  # MS similarity margin lambda.
   config.loss.hparams.epsilon = 0.1  # MS miner margin.
 
+  config.miner = ml_collections.ConfigDict()
+  config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.
+  config.miner.mmsi = ml_collections.ConfigDict()  # MMSI meta-mining (DESIGN.md section 4).
+  config.miner.mmsi.mode = "weighting_net"  # "weighting_net" (MLP phi) or "l2rw" (authors' code).
+  config.miner.mmsi.scope = "all"  # Virtual step over "all" parameters (authors) or the "head" only.
+  config.miner.mmsi.virtual_lr = 0.0  # alpha of the virtual step; <= 0: the model's learning rate.
+  config.miner.mmsi.validation = "train_classes"  # "train_classes" (authors) or "held_out" images.
+  config.miner.mmsi.validation_classes = 10  # V: validation batch of V classes x 1 image.
+  config.miner.mmsi.held_out_fraction = 0.2  # With validation="held_out": share of each class held out.
+  config.miner.mmsi.memory_layout = "per_class"  # "per_class" (authors) or "global" (XBM's FIFO).
+  config.miner.mmsi.memory_size = 1  # Slots per class (per_class) or in all (global).
+  config.miner.mmsi.wait_for_coverage = True  # No meta-weighting until the memory covers all classes.
+  config.miner.mmsi.warmup_steps = 0  # And none before this many steps.
+  config.miner.mmsi.net_hidden = (32, 32)  # Hidden widths of the weighting net phi.
+  config.miner.mmsi.net_learning_rate = 1e-3  # Adam learning rate of phi.
+
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam"  # "adam": L2 weight decay added to the gradient; "adamw": decoupled.
   config.optim.learning_rate = 1e-3  # Peak learning rate.

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmsi_jax import checkpointing, losses, models, reporting
+from mmsi_jax import checkpointing, losses, mining, models, reporting
 from mmsi_jax.data import pipeline
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.eval import retrieval_metrics
@@ -38,12 +38,14 @@ class TrainState:
     batch_stats: BatchNorm running statistics.
     opt_state: optax state of the model optimizer.
     rng: PRNG key, advanced every step.
+    miner_state: the miner's state (e.g. MMSI's memory dictionary and weighting net), None without one.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  miner_state: Any = None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -69,6 +71,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(train.checkpoint_every % train.log_every == 0,
           f"train.checkpoint_every ({train.checkpoint_every}) must be a multiple of train.log_every "
           f"({train.log_every}) so that a resumed run logs exactly what an uninterrupted one does.")
+  require(config.miner.name in mining.names(),
+          f"miner.name={config.miner.name!r} is not one of {mining.names()}.")
+  mmsi = config.miner.mmsi
+  require(mmsi.validation in ("train_classes", "held_out"),
+          f"miner.mmsi.validation={mmsi.validation!r} is not 'train_classes' or 'held_out'.")
+  require(mmsi.validation_classes >= 2,
+          "miner.mmsi.validation_classes must be at least 2 (the meta loss needs negatives).")
   require(config.optim.name in ("adam", "adamw"),
           f"optim.name={config.optim.name!r} is not 'adam' or 'adamw'.")
   require(config.optim.schedule in ("constant", "cosine"),
@@ -78,13 +87,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           "optim.warmup_steps must be in [0, train.num_steps).")
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW) and a schedule."""
+def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Learning rate by step: linear warm-up from 0, then constant or cosine decay to 0."""
   if optim.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, optim.learning_rate, max(optim.warmup_steps, 1), num_steps, end_value=0.0)
-  else:
-    schedule = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+  return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+
+
+def create_optimizer(optim: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW)."""
   if optim.name == "adamw":
     return optax.adamw(schedule, weight_decay=optim.weight_decay)
   return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
@@ -96,46 +109,67 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 
 def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
-                       image_shape: tuple) -> TrainState:
-  init_rng, state_rng = jax.random.split(rng)
+                       image_shape: tuple, miner=None) -> TrainState:
+  init_rng, miner_rng, state_rng = jax.random.split(rng, 3)
   variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables["params"]
+  miner_state = None
+  if miner is not None:
+    embed_dim = jax.eval_shape(
+        lambda: model.apply(variables, jnp.zeros((1, *image_shape), jnp.float32))).shape[-1]
+    miner_state = miner.init(miner_rng, embed_dim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    rng=state_rng)
+                    rng=state_rng, miner_state=miner_state)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, pair_loss: Callable,
-                    hparams: dict) -> Callable:
-  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch."""
+def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    pair_loss: Callable, hparams: dict, miner=None) -> Callable:
+  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch.
 
-  def loss_and_aux(params, state, batch):
-    embeddings, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, normalize_images(batch["images"]),
-        train=True, mutable=["batch_stats"])
-    pairs = losses.build_pairs(embeddings, batch["labels"])
-    weights = losses.pair_weights(pair_loss, pairs, **hparams)
-    loss = pair_loss(jax.lax.stop_gradient(pairs.sim), pairs.pos, pairs.neg, **hparams)
-    objective = losses.weighted_pair_loss(pairs.sim, weights)
-    metrics = {
-        "train/loss": loss,
-        "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
-        "train/pos_sim": jnp.sum(jnp.where(pairs.pos, pairs.sim, 0.0)) / jnp.maximum(pairs.pos.sum(), 1),
-        "train/neg_sim": jnp.sum(jnp.where(pairs.neg, pairs.sim, 0.0)) / jnp.maximum(pairs.neg.sum(), 1),
-    }
-    return objective, (updates["batch_stats"], metrics)
+  The gradient is that of the weighted pair sum L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, taken as
+  the VJP of S(params) with the cotangent dL_m/dS; without a miner m = 1 and it is the loss's gradient.
+  A miner receives the same VJP, so a virtual step (MMSI) reuses the forward pass.
+  """
 
-  @jax.jit
   def train_step(state: TrainState, batch: dict):
-    grads, (batch_stats, metrics) = jax.grad(loss_and_aux, has_aux=True)(state.params, state, batch)
+    images = normalize_images(batch["images"])
+    labels = batch["labels"]
+
+    def batch_sim(params):
+      (features, embeddings), updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          mutable=["batch_stats"], method="features_and_embeddings")
+      pairs = losses.build_pairs(embeddings, labels)
+      return pairs.sim, (pairs, features, embeddings, updates["batch_stats"])
+
+    sim, sim_vjp, (pairs, features, embeddings, batch_stats) = jax.vjp(
+        batch_sim, state.params, has_aux=True)
+    weights = losses.pair_weights(pair_loss, pairs, **hparams)
+    metrics = {
+        "train/loss": pair_loss(sim, pairs.pos, pairs.neg, **hparams),
+        "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
+        "train/pos_sim": jnp.sum(jnp.where(pairs.pos, sim, 0.0)) / jnp.maximum(pairs.pos.sum(), 1),
+        "train/neg_sim": jnp.sum(jnp.where(pairs.neg, sim, 0.0)) / jnp.maximum(pairs.neg.sum(), 1),
+    }
+    multipliers, miner_state = None, state.miner_state
+    if miner is not None:
+      inputs = mining.StepInputs(
+          step=state.step, params=state.params, batch_stats=state.batch_stats, images=images,
+          labels=labels, features=features, embeddings=embeddings, pairs=pairs, weights=weights,
+          sim_vjp=sim_vjp, val_images=normalize_images(batch["val_images"]),
+          val_labels=batch["val_labels"], learning_rate=schedule(state.step))
+      multipliers, miner_state, miner_metrics = miner.multipliers(state.miner_state, inputs)
+      metrics.update(miner_metrics)
+    (grads,) = sim_vjp(jax.grad(losses.weighted_pair_loss)(sim, weights, multipliers))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)
     return dataclasses.replace(state, step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, rng=rng), metrics
+                               opt_state=opt_state, rng=rng, miner_state=miner_state), metrics
 
-  return train_step
+  return jax.jit(train_step)
 
 
 def make_embed_fn(model) -> Callable:
@@ -203,23 +237,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
   train_source = pipeline.load_split(data.name, data.train_split, data.data_dir, decode_images=False)
   test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
-  sampler = PKSampler(pipeline.split_labels(train_source), data.classes_per_batch,
-                      data.samples_per_class, seed=config.seed)
+  mmsi = config.miner.mmsi
+  uses_validation = config.miner.name == "mmsi"
+  held_out = mmsi.held_out_fraction if uses_validation and mmsi.validation == "held_out" else 0.0
+  train_labels = pipeline.split_labels(train_source)
+  sampler = PKSampler(train_labels, data.classes_per_batch, data.samples_per_class,
+                      seed=config.seed, held_out_fraction=held_out)
   image_shape = pipeline.decode_image(train_source[0]["image"]).shape
 
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = models.get(config.model.name, **model_kwargs)
   num_steps = config.train.num_steps
-  tx = create_optimizer(config.optim, num_steps)
+  schedule = create_schedule(config.optim, num_steps)
+  tx = create_optimizer(config.optim, schedule)
   pair_loss = losses.get_pair_loss(config.loss.name)
   hparams = dict(config.loss.hparams)
-  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, image_shape)
+  miner = mining.get(config.miner, model, pair_loss, hparams, num_classes=int(train_labels.max()) + 1)
+  state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, image_shape, miner)
 
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step)
-  train_step = make_train_step(model, tx, pair_loss, hparams)
+  train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner)
   embed_fn = make_embed_fn(model)
 
   def embed(images):  # The current parameters: `state` is rebound every step.
@@ -238,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = reporting.Progress(num_steps, start_step)
   batches = pipeline.train_batches(
       train_source, sampler, start_step=start_step, num_steps=num_steps, seed=config.seed,
-      crop_padding=data.crop_padding, flip=data.flip, num_threads=data.num_threads,
-      prefetch=data.prefetch)
+      crop_padding=data.crop_padding, flip=data.flip,
+      validation_classes=mmsi.validation_classes if uses_validation else 0,
+      num_threads=data.num_threads, prefetch=data.prefetch)
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()

@@ -83,26 +83,35 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, crop_padding: int,
   return image
 
 
-def _pk_batch(step: int, *, source, sampler: PKSampler, seed: int, crop_padding: int,
-              flip: bool) -> dict:
-  indices = sampler.batch_indices(step)
+def _load(source, indices: np.ndarray, rng: np.random.Generator, **augment_kwargs):
   records = source.__getitems__(indices.tolist())
+  images = np.stack([augment(decode_image(r["image"]), rng, **augment_kwargs) for r in records])
+  return images, np.array([r["label"] for r in records], np.int32)
+
+
+def _pk_batch(step: int, *, source, sampler: PKSampler, seed: int, validation_classes: int,
+              **augment_kwargs) -> dict:
   rng = np.random.default_rng([seed, step, 1])
-  images = np.stack([augment(decode_image(r["image"]), rng, crop_padding=crop_padding, flip=flip)
-                     for r in records])
-  return {"images": images, "labels": np.array([r["label"] for r in records], np.int32)}
+  images, labels = _load(source, sampler.batch_indices(step), rng, **augment_kwargs)
+  batch = {"images": images, "labels": labels}
+  if validation_classes:
+    batch["val_images"], batch["val_labels"] = _load(
+        source, sampler.validation_indices(step, validation_classes), rng, **augment_kwargs)
+  return batch
 
 
 def train_batches(source, sampler: PKSampler, *, start_step: int, num_steps: int, seed: int,
-                  crop_padding: int = 0, flip: bool = False, num_threads: int = 4,
-                  prefetch: int = 8) -> Iterator[dict]:
-  """Batches for steps start_step .. num_steps - 1: {"images": [B, H, W, 3] uint8, "labels": [B]}.
+                  crop_padding: int = 0, flip: bool = False, validation_classes: int = 0,
+                  num_threads: int = 4, prefetch: int = 8) -> Iterator[dict]:
+  """Batches for steps start_step .. num_steps - 1: {"images": [B, H, W, 3] uint8, "labels": [B]},
+  and with validation_classes = V > 0 also a validation batch {"val_images": [V, ...], "val_labels"}.
 
   Every batch (indices and augmentation) is a pure function of (seed, step), prepared by a pool of
   `num_threads` reader threads.
   """
   load = functools.partial(_pk_batch, source=source, sampler=sampler, seed=seed,
-                           crop_padding=crop_padding, flip=flip)
+                           validation_classes=validation_classes, crop_padding=crop_padding,
+                           flip=flip)
   dataset = grain.MapDataset.range(start_step, num_steps).map(load)
   return iter(dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

@@ -3,6 +3,11 @@
 Batch `step` depends on nothing but the seed and the step number, so a run resumed at step t draws
 exactly the batches an uninterrupted run would, and batches can be prepared in any order by any worker.
 
+Validation batches (for meta-learning miners such as MMSI): V distinct training classes x 1 image, also a
+pure function of (seed, step). By default they are drawn from the training images themselves (as the
+MMSI authors do); with `held_out_fraction` > 0, that fraction of each class's images (at least one,
+leaving at least two for training) is held out of the PK batches and validation draws only from it.
+
 Small classes. A class with fewer than K images (but at least 2) fills its K slots by drawing its images
 with replacement, so an image can appear twice in a batch (as two augmented views). A class with a single
 image gives no positive pair and is never drawn. Both cases are reported once, when the sampler is built;
@@ -22,9 +27,11 @@ class PKSampler:
     classes_per_batch: P.
     samples_per_class: K.
     seed: the sampling seed.
+    held_out_fraction: fraction of each class's images reserved for validation batches (0: none).
   """
 
-  def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int):
+  def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int,
+               held_out_fraction: float = 0.0):
     labels = np.asarray(labels)
     if classes_per_batch < 1 or samples_per_class < 2:
       raise ValueError(f"PK batches need P >= 1 and K >= 2, got P={classes_per_batch}, "
@@ -32,6 +39,12 @@ class PKSampler:
     order = np.argsort(labels, kind="stable")
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     members = np.split(order, starts[1:])
+    self._validation_members = members
+    if held_out_fraction > 0:
+      held_out = [min(max(1, int(round(held_out_fraction * len(m)))), len(m) - 2) for m in members]
+      self._validation_members = [m[len(m) - h:] for m, h in zip(members, held_out) if h > 0]
+      members = [m[:len(m) - h] if h > 0 else m for m, h in zip(members, held_out)]
+      counts = np.array([len(m) for m in members])
     eligible = counts >= 2
     if not eligible.all():
       logging.warning("PK sampler: %d classes have a single image and are never drawn: %s",
@@ -64,3 +77,12 @@ class PKSampler:
       replace = len(members) < self.samples_per_class
       indices.append(rng.choice(members, self.samples_per_class, replace=replace))
     return np.concatenate(indices)
+
+  def validation_indices(self, step: int, num_classes: int) -> np.ndarray:
+    """Example indices [V] of validation batch `step`: V distinct classes, one image each."""
+    if num_classes > len(self._validation_members):
+      raise ValueError(f"Validation batches of V={num_classes} classes need as many classes with "
+                       f"validation images; there are {len(self._validation_members)}.")
+    rng = np.random.default_rng([self.seed, step, 2])
+    picked = rng.choice(len(self._validation_members), num_classes, replace=False)
+    return np.array([rng.choice(self._validation_members[c]) for c in picked])

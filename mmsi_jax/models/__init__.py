@@ -3,6 +3,8 @@
 
 from mmsi_jax.models.small_cnn import SmallCNN, l2_normalize
 
+HEAD = "head"  # Name of the embedding head's parameters in every model.
+
 _MODELS = {
     "small_cnn": SmallCNN,
 }
@@ -19,4 +21,4 @@ def get(name: str, **kwargs):
   return _MODELS[name](**kwargs)
 
 
-__all__ = ["SmallCNN", "get", "l2_normalize", "names"]
+__all__ = ["HEAD", "SmallCNN", "get", "l2_normalize", "names"]

@@ -1,0 +1,237 @@
+"""MMSI: meta-mining with semiglobal information (DESIGN.md section 4).
+
+Per-pair multipliers m [B, M] are chosen by asking which pairs, if trained on, would lower a loss on
+other data. With W = dL/dS the batch's pair weights and J = dS/dtheta,
+
+    theta'(m) = theta - alpha * grad_theta L_m(theta) = theta - alpha * J^T (m * W)      (virtual step)
+    L_meta(m) = L(S(theta'(m); validation batch, memory dictionary))                    (meta loss)
+
+and d L_meta / dm (or / dphi, through m = phi(pair features)) is a gradient through a gradient. The
+inner gradient is the VJP of S(theta) that the train step computes anyway, so the virtual step costs one
+more backward pass and its transpose, and the real update reuses the same VJP with the chosen m.
+
+Modes:
+  weighting_net  m = phi(S_ij, W_ij, positive or negative, rank of the pair within its anchor) in (0, 1),
+                 an MLP trained with its own optax optimizer on L_meta; m is then recomputed with the
+                 updated phi and rescaled to mean 1 over the pairs with non-zero W, so only the relative
+                 weighting is learned and the step size stays the loss's own.
+  l2rw           as the authors' code: m = 0 as a differentiable input, weights relu(-dL_meta/dm)
+                 normalised to max 1; when every meta-gradient is >= 0 the step falls back to uniform
+                 weights (m = 1) and counts it, instead of dividing by zero.
+Scope of the virtual step: `all` parameters (the authors' choice) or the embedding `head` only, with the
+backbone features computed once and reused (far cheaper).
+
+Warm-up: until the dictionary covers every training class (authors) and `warmup_steps` have passed,
+steps use m = 1 (the plain loss) and only fill the dictionary.
+"""
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmsi_jax import losses
+from mmsi_jax.mining import memory as memory_lib
+from mmsi_jax.models import HEAD
+
+MODES = ("weighting_net", "l2rw")
+SCOPES = ("all", "head")
+
+
+class WeightingNet(nn.Module):
+  """phi: per-pair features [..., F] -> multipliers [...] in (0, 1)."""
+  hidden: Sequence[int] = (32, 32)
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    x = features
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return jax.nn.sigmoid(nn.Dense(1)(x))[..., 0]
+
+
+@flax.struct.dataclass
+class MMSIState:
+  """The miner's part of the TrainState.
+
+  Attributes:
+    memory: the dictionary of past embeddings.
+    net_params, net_opt_state: phi and its optimizer state (empty in l2rw mode).
+    fallbacks: l2rw steps whose meta-gradients were all >= 0 (uniform weights used).
+  """
+  memory: memory_lib.Memory
+  net_params: Any
+  net_opt_state: Any
+  fallbacks: jax.Array
+
+
+class StepInputs(NamedTuple):
+  """What the train step hands a miner.
+
+  Attributes:
+    step: number of completed steps before this one.
+    params, batch_stats: model variables before the update.
+    images: [B, H, W, 3] normalised training images; labels: [B].
+    features: [B, F] backbone features of the batch; embeddings: [B, D].
+    pairs: the batch's Pairs; weights: W = dL/dS [B, M].
+    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient w.r.t. params,).
+    val_images: [V, H, W, 3] normalised validation images; val_labels: [V].
+    learning_rate: the model's current learning rate.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  images: jax.Array
+  labels: jax.Array
+  features: jax.Array
+  embeddings: jax.Array
+  pairs: losses.Pairs
+  weights: jax.Array
+  sim_vjp: Callable
+  val_images: jax.Array
+  val_labels: jax.Array
+  learning_rate: jax.Array
+
+
+def pair_features(pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
+  """Inputs of phi [B, M, 4]: S_ij, W_ij / max|W|, +1 positive / -1 negative, and the pair's rank among
+  its anchor's valid pairs by decreasing similarity, scaled to [0, 1]."""
+  valid = pairs.pos | pairs.neg
+  sim = jax.lax.stop_gradient(pairs.sim)
+  scaled_w = weights / jnp.maximum(jnp.max(jnp.abs(weights)), 1e-12)
+  order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1)
+  rank = jnp.argsort(order, axis=-1).astype(sim.dtype)
+  rank = rank / jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True) - 1, 1)
+  sign = jnp.where(pairs.pos, 1.0, jnp.where(pairs.neg, -1.0, 0.0))
+  return jnp.stack([sim, scaled_w, sign, jnp.where(valid, rank, 0.0)], axis=-1)
+
+
+class MMSI:
+  """The MMSI miner: `init(rng, embed_dim)` and `multipliers(state, inputs)`, pure and jittable.
+
+  Args:
+    config: the `miner.mmsi` config (see configs/default.py).
+    model: the embedding model (features / embed methods, head parameters under "head").
+    pair_loss, hparams: the loss family, used unweighted for the meta loss.
+    num_classes: number of training classes (labels are 0 .. num_classes - 1).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams: dict,
+               num_classes: int):
+    if config.mode not in MODES:
+      raise ValueError(f"miner.mmsi.mode={config.mode!r} is not one of {MODES}.")
+    if config.scope not in SCOPES:
+      raise ValueError(f"miner.mmsi.scope={config.scope!r} is not one of {SCOPES}.")
+    self.config = config
+    self.model = model
+    self.pair_loss = pair_loss
+    self.hparams = hparams
+    self.num_classes = num_classes
+    self.net = WeightingNet(tuple(config.net_hidden))
+    self.net_tx = optax.adam(config.net_learning_rate)
+
+  def init(self, rng: jax.Array, embed_dim: int) -> MMSIState:
+    memory = memory_lib.init(self.config.memory_layout, self.config.memory_size, embed_dim,
+                             self.num_classes)
+    net_params, net_opt_state = {}, {}
+    if self.config.mode == "weighting_net":
+      net_params = self.net.init(rng, jnp.zeros((1, 1, 4)))
+      net_opt_state = self.net_tx.init(net_params)
+    return MMSIState(memory=memory, net_params=net_params, net_opt_state=net_opt_state,
+                     fallbacks=jnp.zeros((), jnp.int32))
+
+  def _scoped_problem(self, inputs: StepInputs):
+    """(theta_scope, grad_of(cotangent) -> d(sum cot * S)/dtheta_scope, embed_validation(theta_scope))."""
+    variables = {"params": inputs.params, "batch_stats": inputs.batch_stats}
+    if self.config.scope == "all":
+      def embed_validation(params):
+        return self.model.apply({**variables, "params": params}, inputs.val_images, train=False)
+      return inputs.params, lambda cot: inputs.sim_vjp(cot)[0], embed_validation
+
+    features = jax.lax.stop_gradient(inputs.features)
+    val_features = jax.lax.stop_gradient(self.model.apply(
+        variables, inputs.val_images, train=False, method="features"))
+
+    def embed_with_head(head, x):
+      return self.model.apply({**variables, "params": {**inputs.params, HEAD: head}}, x,
+                              method="embed")
+
+    def batch_sim(head):
+      return losses.build_pairs(embed_with_head(head, features), inputs.labels).sim
+
+    _, head_vjp = jax.vjp(batch_sim, inputs.params[HEAD])
+    return (inputs.params[HEAD], lambda cot: head_vjp(cot)[0],
+            lambda head: embed_with_head(head, val_features))
+
+  def meta_loss_fn(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
+    """m [B, M] -> L_meta(theta'(m)): the validation batch against the dictionary after a virtual step."""
+    theta, grad_of, embed_validation = self._scoped_problem(inputs)
+    alpha = self.config.virtual_lr if self.config.virtual_lr > 0 else inputs.learning_rate
+
+    def meta_loss(multipliers):
+      cotangent = jax.grad(losses.weighted_pair_loss)(inputs.pairs.sim, inputs.weights, multipliers)
+      virtual = jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(cotangent))
+      val = losses.build_pairs(embed_validation(virtual), inputs.val_labels,
+                               ref_embeddings=memory.embeddings, ref_labels=memory.labels,
+                               ref_valid=memory.valid)
+      return self.pair_loss(val.sim, val.pos, val.neg, **self.hparams)
+    return meta_loss
+
+  def _net_multipliers(self, net_params, features, active):
+    m = self.net.apply(net_params, features)
+    return m / jnp.maximum(jnp.sum(jnp.where(active, m, 0.0)) / jnp.maximum(active.sum(), 1), 1e-12)
+
+  def _meta_step(self, state: MMSIState, inputs: StepInputs):
+    meta_loss = self.meta_loss_fn(state.memory, inputs)
+    active = inputs.weights != 0
+    if self.config.mode == "l2rw":
+      loss, meta_grad = jax.value_and_grad(meta_loss)(jnp.zeros_like(inputs.weights))
+      raw = jax.nn.relu(-meta_grad)
+      largest = jnp.max(raw)
+      fallback = largest <= 0
+      multipliers = jnp.where(fallback, 1.0, raw / jnp.where(fallback, 1.0, largest))
+      return multipliers, state.replace(fallbacks=state.fallbacks + fallback), loss, fallback
+
+    features = pair_features(inputs.pairs, inputs.weights)
+    loss, net_grad = jax.value_and_grad(
+        lambda net: meta_loss(self._net_multipliers(net, features, active)))(state.net_params)
+    updates, net_opt_state = self.net_tx.update(net_grad, state.net_opt_state, state.net_params)
+    net_params = optax.apply_updates(state.net_params, updates)
+    multipliers = self._net_multipliers(net_params, features, active)
+    return (multipliers, state.replace(net_params=net_params, net_opt_state=net_opt_state), loss,
+            jnp.zeros((), bool))
+
+  def ready(self, state: MMSIState, step: jax.Array) -> jax.Array:
+    """Whether meta-weighting is on: past the warm-up steps and, if required, full class coverage."""
+    ready = step >= self.config.warmup_steps
+    if self.config.wait_for_coverage:
+      ready &= memory_lib.covered_classes(state.memory, self.num_classes) >= self.num_classes
+    return ready
+
+  def multipliers(self, state: MMSIState, inputs: StepInputs):
+    """(m [B, M], new state with the batch enqueued, metrics) for one step."""
+    ready = self.ready(state, inputs.step)
+    # The meta step runs every step and its outcome is kept only when ready: XLA on the CPU compiles
+    # convolutions inside a lax.cond branch to a path tens of times slower, and warm-up is short.
+    meta_multipliers, meta_state, meta_loss, fallback = self._meta_step(state, inputs)
+    state = jax.tree.map(lambda new, old: jnp.where(ready, new, old), meta_state, state)
+    multipliers = jnp.where(ready, meta_multipliers, 1.0)
+    fallback &= ready
+    meta_loss = jnp.where(ready, meta_loss, 0.0)
+    multipliers = jax.lax.stop_gradient(multipliers)
+    pos, neg = inputs.pairs.pos & (inputs.weights != 0), inputs.pairs.neg & (inputs.weights != 0)
+    metrics = {
+        "mmsi/ready": ready.astype(jnp.float32),
+        "mmsi/meta_loss": meta_loss,
+        "mmsi/fallback": fallback.astype(jnp.float32),
+        "mmsi/fallbacks_total": state.fallbacks,
+        "mmsi/pos_weight": jnp.sum(jnp.where(pos, multipliers, 0.0)) / jnp.maximum(pos.sum(), 1),
+        "mmsi/neg_weight": jnp.sum(jnp.where(neg, multipliers, 0.0)) / jnp.maximum(neg.sum(), 1),
+        "mmsi/covered_classes": memory_lib.covered_classes(state.memory, self.num_classes),
+    }
+    state = state.replace(memory=memory_lib.enqueue(state.memory, inputs.embeddings, inputs.labels))
+    return multipliers, state, metrics
