@@ -1,5 +1,6 @@
 """Every registered loss: against an independent NumPy implementation, gradients against finite
-differences in float64 inside jit, W = dL/dS and the weighted pair sum, invariances, degenerate inputs."""
+differences in float64 inside jit, W = dL/dS and the weighted pair sum, invariances, degenerate
+inputs."""
 
 import jax
 from jax.test_util import check_grads

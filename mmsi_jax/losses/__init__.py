@@ -6,8 +6,8 @@ of S are:
 
 - pair losses (`names()`, `get_pair_loss`): the references are the batch itself and optional extra rows
   such as a memory (`build_pairs`). These are the losses a miner re-weights and the train loop runs.
-- proxy losses (`proxy_names()`, `get_proxy_loss`): the columns are C learnable class proxies and the rows
-  the samples (`build_proxy_pairs`).
+- proxy losses (`proxy_names()`, `get_proxy_loss`): the columns are C learnable class proxies and the
+  rows the samples (`build_proxy_pairs`).
 
 `get(name)` serves both tables with one embedding-level call,
 

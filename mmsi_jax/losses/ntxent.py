@@ -16,6 +16,6 @@ def ntxent(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
 
   Args:
     sim: [B, M] similarities; pos, neg: [B, M] bool masks (see `pairs.build_pairs`).
-    temperature: t, the softmax temperature.
+    temperature: t, the softmax temperature (0.1 in Khosla et al.).
   """
   return softmax_cross_entropy(sim / temperature, pos, pos | neg)

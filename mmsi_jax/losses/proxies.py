@@ -19,7 +19,8 @@ def norm_softmax(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
     L = mean_i -log( exp(S_iy / t) / sum_c exp(S_ic / t) ),   y the class of sample i.
 
   Args:
-    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks. temperature: t.
+    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
+    temperature: t (0.05 in the paper).
   """
   return softmax_cross_entropy(sim / temperature, pos, pos | neg)
 
@@ -31,7 +32,8 @@ def cosface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64
     L = mean_i -log( exp(s (S_iy - m)) / (exp(s (S_iy - m)) + sum_{c != y} exp(s S_ic)) )
 
   Args:
-    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks. scale: s. margin: m.
+    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
+    scale: s. margin: m (the paper's s = 64, m = 0.35).
   """
   return softmax_cross_entropy(scale * jnp.where(pos, sim - margin, sim), pos, pos | neg)
 
@@ -42,12 +44,13 @@ def arcface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64
 
     L = mean_i -log( exp(s cos(theta_iy + m)) / (exp(s cos(theta_iy + m)) + sum_{c != y} exp(s S_ic)) )
 
-  with theta_iy = arccos S_iy. Where theta + m > pi, cos(theta + m) would rise again with theta; as in the
-  authors' code the target logit continues instead as S_iy - m sin(m), which keeps it decreasing. S is
-  clipped to one float epsilon inside [-1, 1] so that arccos has a finite derivative.
+  with theta_iy = arccos S_iy. Where theta + m > pi, cos(theta + m) would rise again with theta; as in
+  the authors' code the target logit continues instead as S_iy - m sin(m), which keeps it decreasing.
+  S is clipped to one float epsilon inside [-1, 1] so that arccos has a finite derivative.
 
   Args:
-    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks. scale: s. margin: m (radians).
+    sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
+    scale: s. margin: m in radians (the paper's s = 64, m = 0.5).
   """
   eps = jnp.finfo(sim.dtype).eps
   theta = jnp.arccos(jnp.clip(sim, -1.0 + eps, 1.0 - eps))
@@ -67,7 +70,8 @@ def proxy_nca(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 
 
   Args:
     sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
-    scale: multiplies the squared distances (so the cosine logits are scaled by 2 * scale).
+    scale: multiplies the squared distances (so the cosine logits are scaled by 2 * scale); 12 is
+      MemVir's setting for ProxyNCA.
   """
   return softmax_cross_entropy(2.0 * scale * sim, pos, neg)
 
@@ -84,7 +88,7 @@ def proxy_anchor(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float
 
   Args:
     sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
-    alpha: the scale. margin: the margin delta.
+    alpha: the scale. margin: the margin delta (the paper's alpha = 32, delta = 0.1).
   """
   has_samples = jnp.any(pos, axis=0)
   pos_term = masked_log1p_sum_exp((-alpha * (sim - margin)).T, pos.T)

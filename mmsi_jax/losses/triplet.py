@@ -13,15 +13,20 @@ import jax
 import jax.numpy as jnp
 
 
-def _sorted_columns(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, neg_shift: float,
-                    neg_first_on_ties: bool) -> jax.Array:
-  """Per row, the columns [B, M] in ascending order of their key: S_ij for positives, S_ij + neg_shift
-  for negatives, other columns last. Ties between a positive and a negative put the negative first
-  when `neg_first_on_ties`, else last."""
+def _sort_rows(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, neg_shift: float,
+               neg_first_on_ties: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per row, the columns in ascending order of their key: S_ij for positives, S_ij + neg_shift for
+  negatives, other columns last. Ties between a positive and a negative put the negative first when
+  `neg_first_on_ties`, else last.
+
+  Returns:
+    order [B, M] (the column at each sorted slot), and pos, neg [B, M] in that order.
+  """
   keys = jax.lax.stop_gradient(jnp.where(neg, sim + neg_shift, jnp.where(pos, sim, jnp.inf)))
   tie_rank = jnp.where(neg, 0, 1) if neg_first_on_ties else jnp.where(neg, 1, 0)
   columns = jnp.broadcast_to(jnp.arange(sim.shape[-1]), sim.shape)
-  return jax.lax.sort((keys, tie_rank, columns), dimension=sim.ndim - 1, num_keys=2)[2]
+  order = jax.lax.sort((keys, tie_rank, columns), dimension=sim.ndim - 1, num_keys=2)[2]
+  return (order, jnp.take_along_axis(pos, order, axis=-1), jnp.take_along_axis(neg, order, axis=-1))
 
 
 def _linear_in_sim(sim, counts, constant, normaliser):
@@ -42,22 +47,22 @@ def _batch_all(sim, pos, neg, margin):
   active exactly when p comes before n: a negative is in as many active triplets as there are positives
   before it, a positive in as many as there are negatives after it.
   """
-  order = _sorted_columns(sim, pos, neg, neg_shift=margin, neg_first_on_ties=True)
-  pos_sorted = jnp.take_along_axis(pos, order, axis=-1)
-  neg_sorted = jnp.take_along_axis(neg, order, axis=-1)
+  order, pos_sorted, neg_sorted = _sort_rows(sim, pos, neg, neg_shift=margin,
+                                             neg_first_on_ties=True)
   pos_before = jnp.cumsum(pos_sorted, axis=-1, dtype=jnp.int32)
-  neg_after = jnp.sum(neg_sorted, axis=-1, keepdims=True, dtype=jnp.int32) - jnp.cumsum(neg_sorted, axis=-1,
-                                                                        dtype=jnp.int32)
+  neg_after = (jnp.sum(neg_sorted, axis=-1, keepdims=True, dtype=jnp.int32)
+               - jnp.cumsum(neg_sorted, axis=-1, dtype=jnp.int32))
   neg_counts = jnp.where(neg_sorted, pos_before, 0)
   counts_sorted = neg_counts - jnp.where(pos_sorted, neg_after, 0)
   rows = jnp.arange(sim.shape[0])[:, None]
   counts = jnp.zeros(sim.shape, jnp.int32).at[rows, order].set(counts_sorted)
-  active = jnp.sum(neg_counts)
+  active = jnp.sum(neg_counts, dtype=sim.dtype)  # Up to B M^2: past the int32 range at scale.
   return _linear_in_sim(sim, counts, margin * active, active)
 
 
 def _batch_hard(sim, pos, neg, margin):
-  """Mean over the B anchors of [max_n S_in - min_p S_ip + margin]_+ (0 without a positive or negative)."""
+  """Mean over the B anchors of [max_n S_in - min_p S_ip + margin]_+ (0 without a positive or a
+  negative)."""
   active = jnp.any(pos, axis=-1) & jnp.any(neg, axis=-1)
   hardest_pos = jnp.min(jnp.where(pos, sim, jnp.inf), axis=-1)
   hardest_neg = jnp.max(jnp.where(neg, sim, -jnp.inf), axis=-1)
@@ -68,9 +73,7 @@ def _batch_hard(sim, pos, neg, margin):
 def _semihard(sim, pos, neg, margin):
   """Mean over positive pairs (i, p) of [S_in* - S_ip + margin]_+, n* the most similar negative with
   S_in < S_ip (0 when there is none): in a row sorted by S, the last negative before p."""
-  order = _sorted_columns(sim, pos, neg, neg_shift=0.0, neg_first_on_ties=False)
-  pos_sorted = jnp.take_along_axis(pos, order, axis=-1)
-  neg_sorted = jnp.take_along_axis(neg, order, axis=-1)
+  order, pos_sorted, neg_sorted = _sort_rows(sim, pos, neg, neg_shift=0.0, neg_first_on_ties=False)
   sim_sorted = jnp.take_along_axis(jax.lax.stop_gradient(sim), order, axis=-1)
   slots = jnp.broadcast_to(jnp.arange(sim.shape[-1]), sim.shape)
   last_neg_slot = jax.lax.cummax(jnp.where(neg_sorted, slots, -1), axis=sim.ndim - 1)
