@@ -1,7 +1,7 @@
 """Timing helpers shared by the benchmarks."""
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -17,6 +17,22 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2) -> f
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def time_calls_interleaved(fns: Sequence[Callable[[], Any]], *, repeats: int = 10,
+                           warmup: int = 2) -> list[float]:
+  """Median wall time in seconds of each `fn()`, the functions called in turn within each repeat, so
+  that a change of machine load during the measurement affects them all alike."""
+  for fn in fns:
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, fn_times in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      fn_times.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def device_description() -> str:

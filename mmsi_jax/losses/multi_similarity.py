@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from mmsi_jax.losses.pairs import masked_log1p_sum_exp
+from mmsi_jax.losses.masked import masked_log1p_sum_exp
 
 
 def multi_similarity_mining(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,

@@ -11,7 +11,11 @@ so a miner that re-weights pairs multiplies W by m [B, M] >= 0 and trains on
 L_m = sum_ij m_ij * stop_gradient(W_ij) * S_ij (`weighted_pair_loss`).
 
 The reference set is the batch itself (the anchor's own column excluded), optionally followed by extra
-reference rows such as a memory of past embeddings, each with a validity flag.
+reference rows such as a memory of past embeddings, each with a validity flag (`build_pairs`).
+
+Proxy losses use the same form with other rows and columns (`build_proxy_pairs`): the rows are samples
+(the batch, then valid extra rows), the columns are C learnable class proxies, `pos` marks each sample's
+own class and `neg` the other classes. So `pair_weights` and `weighted_pair_loss` serve them as well.
 """
 
 from typing import Callable, NamedTuple, Optional
@@ -19,11 +23,13 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mmsi_jax.models import l2_normalize
+
 PairLossFn = Callable[..., jax.Array]
 
 
 class Pairs(NamedTuple):
-  """Similarities and masks of B anchors against M references.
+  """Similarities and masks of B anchors against M references (or N samples against C proxies).
 
   Attributes:
     sim: [B, M] cosine similarities (embeddings are L2-normalised).
@@ -52,16 +58,8 @@ def build_pairs(embeddings: jax.Array, labels: jax.Array, *,
     Pairs with M = B (+ R): column j < B is batch sample j, column B + r is reference r.
   """
   batch_size = embeddings.shape[0]
-  refs, all_labels = embeddings, labels
-  valid = jnp.ones((batch_size,), bool)
-  if ref_embeddings is not None:
-    if ref_labels is None:
-      raise ValueError("ref_labels is required when ref_embeddings is given.")
-    if ref_valid is None:
-      ref_valid = jnp.ones(ref_labels.shape, bool)
-    refs = jnp.concatenate([embeddings, ref_embeddings.astype(embeddings.dtype)], axis=0)
-    all_labels = jnp.concatenate([labels, ref_labels.astype(labels.dtype)], axis=0)
-    valid = jnp.concatenate([valid, ref_valid.astype(bool)], axis=0)
+  refs, all_labels, valid = _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
+                                               ref_valid)
   num_refs = refs.shape[0]
   sim = embeddings @ refs.T
   not_self = jnp.arange(num_refs)[None, :] != jnp.arange(batch_size)[:, None]
@@ -69,6 +67,42 @@ def build_pairs(embeddings: jax.Array, labels: jax.Array, *,
   pos = same & not_self & valid[None, :]
   neg = ~same & valid[None, :]
   return Pairs(sim, pos, neg)
+
+
+def build_proxy_pairs(embeddings: jax.Array, labels: jax.Array, proxies: jax.Array, *,
+                      ref_embeddings: Optional[jax.Array] = None,
+                      ref_labels: Optional[jax.Array] = None,
+                      ref_valid: Optional[jax.Array] = None) -> Pairs:
+  """Samples against class proxies: the batch and, optionally, extra samples such as a memory.
+
+  Args:
+    embeddings: [B, D] samples (L2-normalised).
+    labels: [B] int class labels in [0, C).
+    proxies: [C, D] class proxies, any norm (they are L2-normalised here).
+    ref_embeddings, ref_labels, ref_valid: [R, D], [R], [R] optional extra samples, their labels and
+      which of them hold data; an invalid row has no pair.
+
+  Returns:
+    Pairs [N, C] with N = B (+ R): pos is the sample's own class, neg every other class.
+  """
+  samples, all_labels, valid = _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
+                                                  ref_valid)
+  sim = samples @ l2_normalize(proxies.astype(samples.dtype)).T
+  own_class = all_labels[:, None] == jnp.arange(proxies.shape[0])[None, :]
+  return Pairs(sim, own_class & valid[:, None], ~own_class & valid[:, None])
+
+def _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels, ref_valid):
+  """The batch followed by the extra rows: embeddings [B + R, D], labels [B + R], validity [B + R]."""
+  valid = jnp.ones(labels.shape, bool)
+  if ref_embeddings is None:
+    return embeddings, labels, valid
+  if ref_labels is None:
+    raise ValueError("ref_labels is required when ref_embeddings is given.")
+  if ref_valid is None:
+    ref_valid = jnp.ones(ref_labels.shape, bool)
+  return (jnp.concatenate([embeddings, ref_embeddings.astype(embeddings.dtype)], axis=0),
+          jnp.concatenate([labels, ref_labels.astype(labels.dtype)], axis=0),
+          jnp.concatenate([valid, ref_valid.astype(bool)], axis=0))
 
 
 def pair_weights(loss_fn: PairLossFn, pairs: Pairs, **hparams) -> jax.Array:
@@ -91,10 +125,3 @@ def weighted_pair_loss(sim: jax.Array, weights: jax.Array,
     weights = multipliers * weights
   return jnp.sum(weights * sim)
 
-
-def masked_log1p_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
-  """log(1 + sum_j mask_ij exp(logits_ij)) per row [B], stable for large logits; 0 for an empty row."""
-  shift = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True), 0.0))
-  terms = jnp.where(mask, jnp.exp(jnp.where(mask, logits, 0.0) - shift), 0.0)
-  return jnp.log(jnp.exp(-shift[..., 0]) + jnp.sum(terms, axis=-1)) + shift[..., 0]
