@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from mmsi_jax import checkpointing, losses, models, reporting
-from mmsi_jax.data import pipeline
+from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.eval import retrieval_metrics
 
@@ -54,6 +54,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   require(config.data.name in pipeline.names(),
           f"data.name={config.data.name!r} is not one of {pipeline.names()}.")
+  require(config.data.normalization in transforms.NORMALIZATIONS,
+          f"data.normalization={config.data.normalization!r} is not one of {transforms.NORMALIZATIONS}.")
+  require(config.data.train_crop in ("pad", "random_resized"),
+          f"data.train_crop={config.data.train_crop!r} is not 'pad' or 'random_resized'.")
+  require(config.data.train_crop == "pad" or config.data.image_size > 0,
+          "data.train_crop='random_resized' needs data.image_size > 0.")
   require(config.model.name in models.names(),
           f"model.name={config.model.name!r} is not one of {models.names()}.")
   require(config.loss.name in losses.names(),
@@ -90,11 +96,6 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
   return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 [N, H, W, 3] -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
 def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
                        image_shape: tuple) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
@@ -106,12 +107,14 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
 
 
 def make_train_step(model, tx: optax.GradientTransformation, pair_loss: Callable,
-                    hparams: dict) -> Callable:
-  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch."""
+                    hparams: dict, normalization: str = "symmetric") -> Callable:
+  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch of uint8 images, normalised
+  on the device by `normalization` (transforms.normalize)."""
 
   def loss_and_aux(params, state, batch):
     embeddings, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, normalize_images(batch["images"]),
+        {"params": params, "batch_stats": state.batch_stats},
+        transforms.normalize(batch["images"], normalization),
         train=True, mutable=["batch_stats"])
     pairs = losses.build_pairs(embeddings, batch["labels"])
     weights = losses.pair_weights(pair_loss, pairs, **hparams)
@@ -138,19 +141,21 @@ def make_train_step(model, tx: optax.GradientTransformation, pair_loss: Callable
   return train_step
 
 
-def make_embed_fn(model) -> Callable:
+def make_embed_fn(model, normalization: str = "symmetric") -> Callable:
   """Jitted `(params, batch_stats, images uint8) -> embeddings [N, D]` in inference mode."""
   @jax.jit
   def embed(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats}, normalize_images(images),
-                       train=False)
+    return model.apply({"params": params, "batch_stats": batch_stats},
+                       transforms.normalize(images, normalization), train=False)
   return embed
 
 
-def embed_split(embed: Callable, source, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Embeddings [N, D] and labels [N] of a whole split, in order; `embed(images) -> [B, D]`."""
+def embed_split(embed: Callable, source, batch_size: int,
+                transform: Callable = transforms.decode_image) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings [N, D] and labels [N] of a whole split, in order; `embed(images) -> [B, D]`;
+  `transform(encoded image) -> [H, W, 3] uint8` is the test transform."""
   outputs, labels = [], []
-  for batch in pipeline.eval_batches(source, batch_size):
+  for batch in pipeline.eval_batches(source, batch_size, transform):
     mask = batch["mask"]
     outputs.append(np.asarray(embed(batch["images"]))[mask])
     labels.append(batch["labels"][mask])
@@ -164,7 +169,8 @@ def raw_pixels(images) -> np.ndarray:
 
 
 def evaluate(config: ml_collections.ConfigDict, embed: Callable, source, prefix: str) -> dict:
-  embeddings, labels = embed_split(embed, source, config.data.eval_batch_size)
+  embeddings, labels = embed_split(embed, source, config.data.eval_batch_size,
+                                   transforms.test_transform(config.data))
   metrics = retrieval_metrics(embeddings, labels, ks=tuple(config.eval.ks),
                               chunk_size=config.eval.chunk_size)
   return {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
@@ -205,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
   sampler = PKSampler(pipeline.split_labels(train_source), data.classes_per_batch,
                       data.samples_per_class, seed=config.seed)
-  image_shape = pipeline.decode_image(train_source[0]["image"]).shape
+  image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
 
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = models.get(config.model.name, **model_kwargs)
@@ -219,8 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step)
-  train_step = make_train_step(model, tx, pair_loss, hparams)
-  embed_fn = make_embed_fn(model)
+  train_step = make_train_step(model, tx, pair_loss, hparams, data.normalization)
+  embed_fn = make_embed_fn(model, data.normalization)
 
   def embed(images):  # The current parameters: `state` is rebound every step.
     return embed_fn(state.params, state.batch_stats, images)
@@ -237,9 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   progress = reporting.Progress(num_steps, start_step)
   batches = pipeline.train_batches(
-      train_source, sampler, start_step=start_step, num_steps=num_steps, seed=config.seed,
-      crop_padding=data.crop_padding, flip=data.flip, num_threads=data.num_threads,
-      prefetch=data.prefetch)
+      train_source, sampler, transform=transforms.train_transform(data), start_step=start_step,
+      num_steps=num_steps, seed=config.seed, num_threads=data.num_threads,
+      num_workers=data.num_workers, prefetch=data.prefetch)
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()
