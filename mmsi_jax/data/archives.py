@@ -131,9 +131,9 @@ class OfficialArchivesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration
     missing = [name for name in cls.ARCHIVES
                if not manual_dir or not os.path.isfile(os.path.join(manual_dir, name))]
     if missing:
+      where = f"the manual directory {manual_dir!r}" if manual_dir else "a manual directory (none given)"
       raise FileNotFoundError(
-          f"Dataset {cls.name!r} needs these files in the manual directory {manual_dir!r} "
-          f"(missing: {', '.join(missing)}):\n"
+          f"Dataset {cls.name!r} needs these files in {where} (missing: {', '.join(missing)}):\n"
           + "\n".join(f"  {name} ({size})" for name, size in cls.ARCHIVES.items())
           + f"\nDownload them from {cls.HOMEPAGE} and pass the directory as --manual_dir.")
 

@@ -19,6 +19,7 @@ put together are exactly the batch that one host would prepare.
 import functools
 from typing import Callable, Iterator, Optional
 
+from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -133,6 +134,8 @@ def train_batches(source, sampler: PKSampler, *, transform: Callable, start_step
   dataset = grain.MapDataset.range(start_step, num_steps).map(load).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Outside an absl app (tests, notebooks): grain reads its flags.
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(prefetch // num_workers, 1)))
   return iter(dataset)
