@@ -37,7 +37,7 @@ def official_setup(dataset: str, variant: str, *, num_steps: int, eval_every: in
   data.classes_per_batch = 16
   data.samples_per_class = 5
   data.num_threads = 2
-  data.num_workers = 8  # About 3 cores feed 80-image batches at ~10 steps/s (docs/BENCHMARKS.md).
+  data.num_workers = 8  # 3,000 CUB-sized images/s need 6 to 8 cores (docs/BENCHMARKS.md).
   data.prefetch = 16
 
   config.model = ml_collections.ConfigDict()

@@ -135,7 +135,8 @@ class OfficialArchivesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration
       raise FileNotFoundError(
           f"Dataset {cls.name!r} needs these files in {where} (missing: {', '.join(missing)}):\n"
           + "\n".join(f"  {name} ({size})" for name, size in cls.ARCHIVES.items())
-          + f"\nDownload them from {cls.HOMEPAGE} and pass the directory as --manual_dir.")
+          + f"\nDownload them from {cls.HOMEPAGE}; pass their directory as --manual_dir (prepare) or "
+          "--config.data.manual_dir (training).")
 
   def _catalog(self, manual_dir: str) -> list[Entry]:
     """Every image the archives' metadata lists, with its class and split."""
