@@ -21,9 +21,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.test_split = "test"  # Unseen test classes: query set and gallery at once.
   config.data.classes_per_batch = 16  # P of a PK batch.
   config.data.samples_per_class = 4  # K of a PK batch; batch size is P * K.
-  config.data.crop_padding = 2  # Random translation by up to this many pixels (0: none).
+  config.data.image_size = 0  # Side of the square network input; 0: the stored images as they are.
+  config.data.train_crop = "pad"  # "pad": random translation; "random_resized": random-resized crop.
+  config.data.crop_padding = 2  # pad: reflect-pad by this many pixels and crop back (0: none).
+  config.data.crop_scale = (0.16, 1.0)  # random_resized: range of the crop's area / the image's area.
+  config.data.crop_ratio = (3 / 4, 4 / 3)  # random_resized: range of the crop's width / height.
   config.data.flip = False  # Random horizontal flips.
-  config.data.num_threads = 4  # Reader threads preparing batches.
+  config.data.resize_size = 256  # Test transform (image_size > 0): shorter side -> this, centre crop.
+  # On the device, after the uint8 batch arrives: "symmetric" (x / 127.5 - 1), "imagenet" (RGB
+  # mean/std), "caffe_bgr" (BGR 0-255 minus the Caffe mean, for BN-Inception).
+  config.data.normalization = "symmetric"
+  config.data.num_threads = 4  # Reader threads preparing batches (in each worker process, if any).
+  config.data.num_workers = 0  # Worker processes preparing batches (grain mp_prefetch); 0: none.
   config.data.prefetch = 8  # Batches prepared ahead.
   config.data.eval_batch_size = 256  # Images per embedding call at evaluation.
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from mmsi_jax import checkpointing, losses, mining, models, reporting
-from mmsi_jax.data import pipeline
+from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.eval import retrieval_metrics
 
@@ -56,6 +56,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   require(config.data.name in pipeline.names(),
           f"data.name={config.data.name!r} is not one of {pipeline.names()}.")
+  require(config.data.normalization in transforms.NORMALIZATIONS,
+          f"data.normalization={config.data.normalization!r} is not one of {transforms.NORMALIZATIONS}.")
+  require(config.data.train_crop in ("pad", "random_resized"),
+          f"data.train_crop={config.data.train_crop!r} is not 'pad' or 'random_resized'.")
+  require(config.data.train_crop == "pad" or config.data.image_size > 0,
+          "data.train_crop='random_resized' needs data.image_size > 0.")
   require(config.model.name in models.names(),
           f"model.name={config.model.name!r} is not one of {models.names()}.")
   require(config.loss.name in losses.names(),
@@ -103,11 +109,6 @@ def create_optimizer(optim: ml_collections.ConfigDict,
   return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 [N, H, W, 3] -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
 def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
                        image_shape: tuple, miner=None) -> TrainState:
   init_rng, miner_rng, state_rng = jax.random.split(rng, 3)
@@ -124,8 +125,10 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    pair_loss: Callable, hparams: dict, miner=None) -> Callable:
-  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch.
+                    pair_loss: Callable, hparams: dict, miner=None,
+                    normalization: str = "symmetric") -> Callable:
+  """The jitted step `(state, batch) -> (state, metrics)` for one PK batch of uint8 images, normalised
+  on the device by `normalization` (transforms.normalize).
 
   The gradient is that of the weighted pair sum L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, taken as
   the VJP of S(params) with the cotangent dL_m/dS; without a miner m = 1 and it is the loss's gradient.
@@ -133,7 +136,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   """
 
   def train_step(state: TrainState, batch: dict):
-    images = normalize_images(batch["images"])
+    images = transforms.normalize(batch["images"], normalization)
     labels = batch["labels"]
 
     def batch_sim(params):
@@ -157,7 +160,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
       inputs = mining.StepInputs(
           step=state.step, params=state.params, batch_stats=state.batch_stats, images=images,
           labels=labels, features=features, embeddings=embeddings, pairs=pairs, weights=weights,
-          sim_vjp=sim_vjp, val_images=normalize_images(batch["val_images"]),
+          sim_vjp=sim_vjp, val_images=transforms.normalize(batch["val_images"], normalization),
           val_labels=batch["val_labels"], learning_rate=schedule(state.step))
       multipliers, miner_state, miner_metrics = miner.multipliers(state.miner_state, inputs)
       metrics.update(miner_metrics)
@@ -172,19 +175,21 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   return jax.jit(train_step)
 
 
-def make_embed_fn(model) -> Callable:
+def make_embed_fn(model, normalization: str = "symmetric") -> Callable:
   """Jitted `(params, batch_stats, images uint8) -> embeddings [N, D]` in inference mode."""
   @jax.jit
   def embed(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats}, normalize_images(images),
-                       train=False)
+    return model.apply({"params": params, "batch_stats": batch_stats},
+                       transforms.normalize(images, normalization), train=False)
   return embed
 
 
-def embed_split(embed: Callable, source, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Embeddings [N, D] and labels [N] of a whole split, in order; `embed(images) -> [B, D]`."""
+def embed_split(embed: Callable, source, batch_size: int,
+                transform: Callable = transforms.decode_image) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings [N, D] and labels [N] of a whole split, in order; `embed(images) -> [B, D]`;
+  `transform(encoded image) -> [H, W, 3] uint8` is the test transform."""
   outputs, labels = [], []
-  for batch in pipeline.eval_batches(source, batch_size):
+  for batch in pipeline.eval_batches(source, batch_size, transform):
     mask = batch["mask"]
     outputs.append(np.asarray(embed(batch["images"]))[mask])
     labels.append(batch["labels"][mask])
@@ -198,7 +203,8 @@ def raw_pixels(images) -> np.ndarray:
 
 
 def evaluate(config: ml_collections.ConfigDict, embed: Callable, source, prefix: str) -> dict:
-  embeddings, labels = embed_split(embed, source, config.data.eval_batch_size)
+  embeddings, labels = embed_split(embed, source, config.data.eval_batch_size,
+                                   transforms.test_transform(config.data))
   metrics = retrieval_metrics(embeddings, labels, ks=tuple(config.eval.ks),
                               chunk_size=config.eval.chunk_size)
   return {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
@@ -243,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_labels = pipeline.split_labels(train_source)
   sampler = PKSampler(train_labels, data.classes_per_batch, data.samples_per_class,
                       seed=config.seed, held_out_fraction=held_out)
-  image_shape = pipeline.decode_image(train_source[0]["image"]).shape
+  image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
 
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = models.get(config.model.name, **model_kwargs)
@@ -259,8 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step)
-  train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner)
-  embed_fn = make_embed_fn(model)
+  train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner, data.normalization)
+  embed_fn = make_embed_fn(model, data.normalization)
 
   def embed(images):  # The current parameters: `state` is rebound every step.
     return embed_fn(state.params, state.batch_stats, images)
@@ -277,10 +283,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   progress = reporting.Progress(num_steps, start_step)
   batches = pipeline.train_batches(
-      train_source, sampler, start_step=start_step, num_steps=num_steps, seed=config.seed,
-      crop_padding=data.crop_padding, flip=data.flip,
+      train_source, sampler, transform=transforms.train_transform(data), start_step=start_step,
+      num_steps=num_steps, seed=config.seed,
       validation_classes=mmsi.validation_classes if uses_validation else 0,
-      num_threads=data.num_threads, prefetch=data.prefetch)
+      num_threads=data.num_threads, num_workers=data.num_workers, prefetch=data.prefetch)
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()

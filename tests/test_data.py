@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmsi_jax.data import glyphs, pipeline
+from mmsi_jax.data import glyphs, pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 
 
@@ -67,7 +67,7 @@ def test_an_unfinished_build_is_not_read_as_finished(tmp_path):
 def test_train_batches_are_resumable_and_augmented_deterministically(glyphs_dir):
   source = pipeline.load_split("glyphs", "train", glyphs_dir, decode_images=False)
   sampler = PKSampler(pipeline.split_labels(source), 4, 3, seed=0)
-  kwargs = dict(seed=0, crop_padding=2, flip=True, num_threads=2)
+  kwargs = dict(seed=0, transform=transforms.PadCrop(padding=2, flip=True), num_threads=2)
   full = list(pipeline.train_batches(source, sampler, start_step=0, num_steps=6, **kwargs))
   resumed = list(pipeline.train_batches(source, sampler, start_step=4, num_steps=6, **kwargs))
   assert len(full) == 6 and len(resumed) == 2

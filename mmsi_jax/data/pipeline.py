@@ -1,28 +1,38 @@
-"""Datasets by name, prepared once with TFDS (array_record) and read with `tfds.data_source` and grain.
+"""Datasets by name, prepared once with TFDS (array_record) and read with random access and grain.
 
-  prepare(name, data_dir)                -> builds the dataset into data_dir unless already there
+  prepare(name, data_dir, manual_dir)    -> builds the dataset into data_dir unless already there
   load_split(name, split, data_dir)      -> random-access source of {"image", "label", ...}
   train_batches(source, sampler, ...)    -> iterator of augmented PK batches, resumable at any step
-  eval_batches(source, batch_size)       -> iterator of padded, ordered batches of a whole split
+  eval_batches(source, batch_size, ...)  -> iterator of padded, ordered batches of a whole split
 
 TFDS writes a split into a temporary directory and renames it only when it is complete, so a build that
 was killed half-way is never read as a finished one: the next `prepare` starts it again.
+
+Train batches are prepared by `num_threads` threads of this process, or, with `num_workers` > 0, by that
+many worker processes (grain's mp_prefetch), each with its own threads; the order of the batches does
+not depend on either. Multi-host runs: host `host_index` of `host_count` prepares rows
+[host_index * B / host_count, (host_index + 1) * B / host_count) of every global batch of B; every
+example's augmentation depends only on (seed, step, its row in the global batch), so the hosts' slices
+put together are exactly the batch that one host would prepare.
 """
 
 import functools
-import io
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
+from absl import flags
 import grain
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
-from mmsi_jax.data import glyphs
+from mmsi_jax.data import cars196, cub200, glyphs, sop
 from mmsi_jax.data.sampler import PKSampler
+from mmsi_jax.data.transforms import decode_image
 
 _BUILDERS = {
     "glyphs": glyphs.Glyphs,
+    "cub200": cub200.Cub200,
+    "cars196": cars196.Cars196,
+    "sop": sop.StanfordOnlineProducts,
 }
 
 
@@ -36,27 +46,55 @@ def _builder(name: str, data_dir: str):
   return _BUILDERS[name](data_dir=data_dir, file_format="array_record")
 
 
-def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> None:
-  """Builds dataset `name` into `data_dir` (a no-op when it is already there)."""
+def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> dict:
+  """Builds dataset `name` into `data_dir` (a no-op when it is already there).
+
+  Returns {split: {"images": N, "corrupt": [file names skipped]}} of the prepared dataset.
+  """
   builder = _builder(name, data_dir)
-  if builder.is_prepared():
-    return
-  print(f"Preparing dataset {name} in {data_dir} (once; later runs reuse it).", flush=True)
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if not builder.is_prepared():
+    check_archives = getattr(builder, "check_archives", None)
+    if check_archives:
+      check_archives(manual_dir)
+    print(f"Preparing dataset {name} in {data_dir} (once; later runs reuse it).", flush=True)
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    builder = _builder(name, data_dir)
+  metadata = builder.info.metadata or {}
+  return {split: {"images": info.num_examples, "corrupt": list(metadata.get(f"{split}_corrupt", []))}
+          for split, info in builder.info.splits.items()}
+
+
+class DecodedSource:
+  """A random-access source whose "image" is decoded to [H, W, 3] uint8 RGB on access."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _decoded(self, record: dict) -> dict:
+    return {**record, "image": decode_image(record["image"])}
+
+  def __getitem__(self, index: int) -> dict:
+    return self._decoded(self._source[index])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._decoded(r) for r in self._source.__getitems__(indices)]
 
 
 def load_split(name: str, split: str, data_dir: str, *, decode_images: bool = True):
-  """Random-access source of split `split`: examples with "image" (HWC uint8, or the encoded bytes when
-  decode_images is False) and "label" (int, 0-based within the split)."""
+  """Random-access source of split `split`: examples with "image" (HWC uint8 RGB, or the encoded bytes
+  when decode_images is False), "label" (int, 0-based within the split), "class_id" and "file_name"."""
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared in {data_dir!r}: run mmsi_jax.data.pipeline.prepare "
-        f"(the trainer does it on its first run).")
-  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
-  return tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders, download=False)
+        f"Dataset {name!r} is not prepared in {data_dir!r}: run `python -m mmsi_jax.data.prepare "
+        f"--dataset={name} --data_dir={data_dir}` (the trainer does it on its first run).")
+  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return DecodedSource(source) if decode_images else source
 
 
 def split_labels(source) -> np.ndarray:
@@ -64,61 +102,62 @@ def split_labels(source) -> np.ndarray:
   return np.array([record["label"] for record in source], np.int64)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> [H, W, 3] uint8 RGB."""
-  with Image.open(io.BytesIO(data)) as image:
-    return np.asarray(image.convert("RGB"))
+def host_rows(batch_size: int, host_index: int, host_count: int) -> range:
+  """The rows of a global batch that host `host_index` of `host_count` prepares."""
+  if batch_size % host_count:
+    raise ValueError(f"The batch size {batch_size} is not divisible by the {host_count} hosts: "
+                     f"change data.classes_per_batch or data.samples_per_class.")
+  per_host = batch_size // host_count
+  return range(host_index * per_host, (host_index + 1) * per_host)
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, *, crop_padding: int,
-            flip: bool) -> np.ndarray:
-  """Random translation (reflect-pad by crop_padding, crop back) and optional horizontal flip."""
-  if crop_padding:
-    height, width = image.shape[:2]
-    padded = np.pad(image, ((crop_padding,) * 2, (crop_padding,) * 2, (0, 0)), mode="reflect")
-    top, left = rng.integers(0, 2 * crop_padding + 1, 2)
-    image = padded[top:top + height, left:left + width]
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return image
-
-
-def _load(source, indices: np.ndarray, rng: np.random.Generator, **augment_kwargs):
+def _load(source, indices: np.ndarray, rows: range, transform: Callable, seed: int, step: int):
+  """Transformed images and labels of `indices`; row r's augmentation is seeded by (seed, step, r)."""
   records = source.__getitems__(indices.tolist())
-  images = np.stack([augment(decode_image(r["image"]), rng, **augment_kwargs) for r in records])
+  images = np.stack([transform(r["image"], np.random.default_rng([seed, step, row]))
+                     for row, r in zip(rows, records)])
   return images, np.array([r["label"] for r in records], np.int32)
 
 
-def _pk_batch(step: int, *, source, sampler: PKSampler, seed: int, validation_classes: int,
-              **augment_kwargs) -> dict:
-  rng = np.random.default_rng([seed, step, 1])
-  images, labels = _load(source, sampler.batch_indices(step), rng, **augment_kwargs)
+def _pk_batch(step: int, *, source, sampler: PKSampler, transform: Callable, seed: int,
+              rows: range, validation_classes: int) -> dict:
+  indices = sampler.batch_indices(step)[rows.start:rows.stop]
+  images, labels = _load(source, indices, rows, transform, seed, step)
   batch = {"images": images, "labels": labels}
-  if validation_classes:
+  if validation_classes:  # The same on every host; its rows follow the global batch's.
+    val_rows = range(sampler.batch_size, sampler.batch_size + validation_classes)
     batch["val_images"], batch["val_labels"] = _load(
-        source, sampler.validation_indices(step, validation_classes), rng, **augment_kwargs)
+        source, sampler.validation_indices(step, validation_classes), val_rows, transform, seed,
+        step)
   return batch
 
 
-def train_batches(source, sampler: PKSampler, *, start_step: int, num_steps: int, seed: int,
-                  crop_padding: int = 0, flip: bool = False, validation_classes: int = 0,
-                  num_threads: int = 4, prefetch: int = 8) -> Iterator[dict]:
-  """Batches for steps start_step .. num_steps - 1: {"images": [B, H, W, 3] uint8, "labels": [B]},
-  and with validation_classes = V > 0 also a validation batch {"val_images": [V, ...], "val_labels"}.
+def train_batches(source, sampler: PKSampler, *, transform: Callable, start_step: int,
+                  num_steps: int, seed: int, validation_classes: int = 0, num_threads: int = 4,
+                  num_workers: int = 0, prefetch: int = 8, host_index: int = 0,
+                  host_count: int = 1) -> Iterator[dict]:
+  """This host's part of the batches for steps start_step .. num_steps - 1:
+  {"images": [B / host_count, H, W, 3] uint8, "labels": [B / host_count] int32}, and with
+  validation_classes = V > 0 the step's whole validation batch {"val_images": [V, ...], "val_labels"}.
 
-  Every batch (indices and augmentation) is a pure function of (seed, step), prepared by a pool of
-  `num_threads` reader threads.
+  Every batch (indices and augmentation) is a pure function of (seed, step). `source` holds encoded
+  images (load_split(..., decode_images=False)); `transform(encoded, rng)` -> [H, W, 3] uint8.
   """
-  load = functools.partial(_pk_batch, source=source, sampler=sampler, seed=seed,
-                           validation_classes=validation_classes, crop_padding=crop_padding,
-                           flip=flip)
-  dataset = grain.MapDataset.range(start_step, num_steps).map(load)
-  return iter(dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+  load = functools.partial(_pk_batch, source=source, sampler=sampler, transform=transform, seed=seed,
+                           rows=host_rows(sampler.batch_size, host_index, host_count),
+                           validation_classes=validation_classes)
+  dataset = grain.MapDataset.range(start_step, num_steps).map(load).to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # Outside an absl app (tests, notebooks): grain reads its flags.
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(prefetch // num_workers, 1)))
+  return iter(dataset)
 
 
-def _padded_batch(records: list, batch_size: int) -> dict:
-  images = np.stack([decode_image(r["image"]) for r in records])
+def _padded_batch(records: list, batch_size: int, transform: Callable) -> dict:
+  images = np.stack([transform(r["image"]) for r in records])
   labels = np.array([r["label"] for r in records], np.int32)
   pad = batch_size - len(records)
   return {
@@ -128,9 +167,13 @@ def _padded_batch(records: list, batch_size: int) -> dict:
   }
 
 
-def eval_batches(source, batch_size: int, num_threads: int = 2) -> Iterator[dict]:
-  """The whole split in order, in batches of fixed shape; "mask" [B] marks the real rows."""
-  dataset = grain.MapDataset.source(source).batch(
-      batch_size, batch_fn=functools.partial(_padded_batch, batch_size=batch_size))
+def eval_batches(source, batch_size: int, transform: Callable = decode_image,
+                 num_threads: int = 4) -> Iterator[dict]:
+  """The whole split in order, in batches of fixed shape; "mask" [B] marks the real rows.
+
+  `source` holds encoded images; `transform(encoded)` -> [H, W, 3] uint8 (the test transform).
+  """
+  batch = functools.partial(_padded_batch, batch_size=batch_size, transform=transform)
+  dataset = grain.MapDataset.source(source).batch(batch_size, batch_fn=batch)
   return iter(dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)))
