@@ -56,7 +56,8 @@ def official_setup(dataset: str, variant: str, *, num_steps: int, eval_every: in
     config.loss.hparams.epsilon = ms_epsilon
   else:
     config.loss.name = "contrastive"
-    config.loss.hparams.margin = 0.8  # Negatives are pushed while their similarity exceeds 0.8.
+    config.loss.hparams.pos_margin = 1.0  # Positives are pulled until their similarity reaches 1.
+    config.loss.hparams.neg_margin = 0.8  # Negatives are pushed while their similarity exceeds 0.8.
 
   config.optim.name = "adam"
   config.optim.learning_rate = 1e-5

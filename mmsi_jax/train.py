@@ -124,6 +124,22 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
                     rng=state_rng, miner_state=miner_state)
 
 
+def batch_similarities(model, params, batch_stats, images: jax.Array, labels: jax.Array):
+  """S(params) [B, B] of a training batch against itself and its VJP, in train mode.
+
+  Returns (sim, sim_vjp, (pairs, features [B, F], embeddings [B, D], new batch_stats)); sim_vjp maps a
+  cotangent [B, B] to (the gradient with respect to params,).
+  """
+  def sim_of(params):
+    (features, embeddings), updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], method="features_and_embeddings")
+    pairs = losses.build_pairs(embeddings, labels)
+    return pairs.sim, (pairs, features, embeddings, updates.get("batch_stats", batch_stats))
+
+  return jax.vjp(sim_of, params, has_aux=True)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     pair_loss: Callable, hparams: dict, miner=None,
                     normalization: str = "symmetric") -> Callable:
@@ -138,16 +154,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
   def train_step(state: TrainState, batch: dict):
     images = transforms.normalize(batch["images"], normalization)
     labels = batch["labels"]
-
-    def batch_sim(params):
-      (features, embeddings), updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          mutable=["batch_stats"], method="features_and_embeddings")
-      pairs = losses.build_pairs(embeddings, labels)
-      return pairs.sim, (pairs, features, embeddings, updates["batch_stats"])
-
-    sim, sim_vjp, (pairs, features, embeddings, batch_stats) = jax.vjp(
-        batch_sim, state.params, has_aux=True)
+    sim, sim_vjp, (pairs, features, embeddings, batch_stats) = batch_similarities(
+        model, state.params, state.batch_stats, images, labels)
     weights = losses.pair_weights(pair_loss, pairs, **hparams)
     metrics = {
         "train/loss": pair_loss(sim, pairs.pos, pairs.neg, **hparams),
@@ -158,8 +166,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     multipliers, miner_state = None, state.miner_state
     if miner is not None:
       inputs = mining.StepInputs(
-          step=state.step, params=state.params, batch_stats=state.batch_stats, images=images,
-          labels=labels, features=features, embeddings=embeddings, pairs=pairs, weights=weights,
+          step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
+          features=features, embeddings=embeddings, pairs=pairs, weights=weights,
           sim_vjp=sim_vjp, val_images=transforms.normalize(batch["val_images"], normalization),
           val_labels=batch["val_labels"], learning_rate=schedule(state.step))
       multipliers, miner_state, miner_metrics = miner.multipliers(state.miner_state, inputs)

@@ -17,8 +17,11 @@ from mmsi_jax import losses, reporting, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(data_dir, num_steps=20):
+def tiny_config(data_dir, num_steps=20, miner="none"):
   config = demo.get_config()
+  config.miner.name = miner
+  config.miner.mmsi.wait_for_coverage = False
+  config.miner.mmsi.warmup_steps = 4
   config.data.data_dir = data_dir
   config.data.classes_per_batch = 8
   config.data.samples_per_class = 4
@@ -65,10 +68,19 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
   assert "tensorflow" not in sys.modules
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch):
-  config = tiny_config(glyphs_dir)
+@pytest.mark.parametrize("miner", ["none", "mmsi"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch,
+                                                                  miner):
+  config = tiny_config(glyphs_dir, miner=miner)
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(config, straight)
+  final = train.train_and_evaluate(config, straight)
+  records = reporting.read_metrics(straight)
+  train_losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert train_losses[-1] < train_losses[0]  # It learns, with or without MMSI.
+  assert final["test/recall@1"] > final["baseline/recall@1"]
+  if miner == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
+    np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
+    assert records[-2]["mmsi/pos_weight"] != 1.0
 
   killed = str(tmp_path / "killed")
   real_make_train_step = train.make_train_step
@@ -102,6 +114,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   assert step_a == step_b == 20
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
+  if miner == "mmsi":  # The memory dictionary is part of the checkpoint and resumes exactly.
+    memory = state_b["miner_state"]["memory"]
+    assert 8 < np.asarray(memory["valid"]).sum() <= 100  # One slot per class seen (of 100).
   assert not os.path.exists(partial)
 
 

@@ -64,9 +64,10 @@ def enqueue(memory: Memory, embeddings: jax.Array, labels: jax.Array) -> Memory:
   slots = memory.labels.shape[0]
   if memory.per_class:
     size = slots // memory.heads.shape[0]
-    same_before = (labels[None, :] == labels[:, None]) & (jnp.arange(batch)[None, :] < jnp.arange(batch)[:, None])
-    rank = jnp.sum(same_before, axis=1)  # Earlier samples of the same class in this batch.
-    count = jnp.sum(labels[None, :] == labels[:, None], axis=1)
+    same = labels[None, :] == labels[:, None]
+    earlier = jnp.arange(batch)[None, :] < jnp.arange(batch)[:, None]
+    rank = jnp.sum(same & earlier, axis=1, dtype=jnp.int32)  # Earlier samples of the class in the batch.
+    count = jnp.sum(same, axis=1, dtype=jnp.int32)
     keep = count - rank <= size  # The newest `size` samples of each class.
     slot = labels * size + (memory.heads[labels] + rank) % size
     heads = memory.heads.at[labels].add(jnp.where(rank == 0, count, 0))

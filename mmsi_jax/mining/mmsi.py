@@ -75,7 +75,7 @@ class StepInputs(NamedTuple):
   Attributes:
     step: number of completed steps before this one.
     params, batch_stats: model variables before the update.
-    images: [B, H, W, 3] normalised training images; labels: [B].
+    labels: [B] labels of the training batch.
     features: [B, F] backbone features of the batch; embeddings: [B, D].
     pairs: the batch's Pairs; weights: W = dL/dS [B, M].
     sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient w.r.t. params,).
@@ -85,7 +85,6 @@ class StepInputs(NamedTuple):
   step: jax.Array
   params: Any
   batch_stats: Any
-  images: jax.Array
   labels: jax.Array
   features: jax.Array
   embeddings: jax.Array
