@@ -1,4 +1,5 @@
-"""Cars196 in the authors' setup (configs/official_setup.py); variants "ms" and "contrastive".
+"""Cars196 in the authors' setup (configs/official_setup.py); variants "ms", "contrastive",
+"mmsi_ms" and "mmsi_contrastive".
 
   python -m mmsi_jax.main --config=configs/cars196.py:ms --workdir=runs/cars196_ms
 """

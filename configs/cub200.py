@@ -1,4 +1,5 @@
-"""CUB-200-2011 in the authors' setup (configs/official_setup.py); variants "ms" and "contrastive".
+"""CUB-200-2011 in the authors' setup (configs/official_setup.py); variants "ms", "contrastive",
+"mmsi_ms" and "mmsi_contrastive".
 
   python -m mmsi_jax.main --config=configs/cub200.py:ms --workdir=runs/cub200_ms
 """

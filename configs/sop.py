@@ -1,5 +1,5 @@
 """Stanford Online Products in the authors' setup (configs/official_setup.py), with max + average pooling
-and MS epsilon 0.03; variants "ms" and "contrastive".
+and MS epsilon 0.03; variants "ms", "contrastive", "mmsi_ms" and "mmsi_contrastive".
 
   python -m mmsi_jax.main --config=configs/sop.py:ms --workdir=runs/sop_ms
 """
