@@ -64,6 +64,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           "data.train_crop='random_resized' needs data.image_size > 0.")
   require(config.model.name in models.names(),
           f"model.name={config.model.name!r} is not one of {models.names()}.")
+  if config.model.name in models.names():
+    model_args = inspect.signature(models._MODELS[config.model.name]).parameters
+    for key in config.model:
+      require(key == "name" or key in model_args,
+              f"model.{key} is not a setting of {config.model.name!r}; it takes {list(model_args)}.")
   require(config.loss.name in losses.names(),
           f"loss.name={config.loss.name!r} is not one of {losses.names()}.")
   accepted = inspect.signature(losses.get_pair_loss(config.loss.name)).parameters

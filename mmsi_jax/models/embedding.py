@@ -1,0 +1,53 @@
+"""The shape every model of the registry has: a backbone, then a linear embedding head, L2-normalised."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HEAD = "head"  # Name of the embedding head's parameters in every model.
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows of x [N, D] scaled to unit L2 norm."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def global_pool(x: jax.Array, pooling: str) -> jax.Array:
+  """[N, H, W, C] -> [N, C] ("max", "avg") or [N, 2C] ("max_avg": both, concatenated)."""
+  if pooling == "max":
+    return jnp.max(x, axis=(1, 2))
+  if pooling == "avg":
+    return jnp.mean(x, axis=(1, 2))
+  if pooling == "max_avg":
+    return jnp.concatenate([jnp.max(x, axis=(1, 2)), jnp.mean(x, axis=(1, 2))], axis=-1)
+  raise ValueError(f"Unknown pooling {pooling!r}; use 'max', 'avg' or 'max_avg'.")
+
+
+class EmbeddingNet(nn.Module):
+  """embeddings = l2_normalize(head(backbone(images))).
+
+  `features(images, train)` -> [N, F] runs the backbone and `embed(features)` -> [N, D] the head (its
+  parameters under "head"), so a miner can differentiate through the head alone (MMSI's head scope).
+
+  Attributes:
+    backbone: a module `(images [N, H, W, 3], train) -> features [N, F]`.
+    embed_dim: D.
+  """
+  backbone: nn.Module
+  embed_dim: int
+
+  def setup(self):
+    self.head = nn.Dense(self.embed_dim)
+
+  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.backbone(images, train)
+
+  def embed(self, features: jax.Array) -> jax.Array:
+    return l2_normalize(self.head(features))
+
+  def features_and_embeddings(self, images: jax.Array, train: bool = False):
+    features = self.features(images, train)
+    return features, self.embed(features)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.embed(self.features(images, train))
