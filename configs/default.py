@@ -82,4 +82,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.ks = (1, 2, 4, 8)  # The K of Recall@K.
   config.eval.chunk_size = 1024  # Queries per top-k call.
+  config.eval.baseline_side = 32  # Raw-pixel baseline: test images box-downsampled to at most this side.
   return config

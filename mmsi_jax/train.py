@@ -6,6 +6,7 @@ sum sum_ij m_ij * stop_gradient(W_ij) * S_ij (m = 1 without a miner), which equa
 """
 
 import dataclasses
+import functools
 import inspect
 import os
 import time
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
-from mmsi_jax import checkpointing, losses, mining, models, reporting
+from mmsi_jax import checkpointing, losses, mining, models, parallel, reporting
 from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.eval import retrieval_metrics
@@ -89,6 +91,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f"miner.mmsi.validation={mmsi.validation!r} is not 'train_classes' or 'held_out'.")
   require(mmsi.validation_classes >= 2,
           "miner.mmsi.validation_classes must be at least 2 (the meta loss needs negatives).")
+  batch_size = config.data.classes_per_batch * config.data.samples_per_class
+  require(batch_size % jax.device_count() == 0,
+          f"The batch of {batch_size} images cannot be split over {jax.device_count()} devices: make "
+          f"data.classes_per_batch * data.samples_per_class a multiple of the device count.")
   require(config.optim.name in ("adam", "adamw"),
           f"optim.name={config.optim.name!r} is not 'adam' or 'adamw'.")
   require(config.optim.schedule in ("constant", "cosine"),
@@ -147,13 +153,14 @@ def batch_similarities(model, params, batch_stats, images: jax.Array, labels: ja
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     pair_loss: Callable, hparams: dict, miner=None,
-                    normalization: str = "symmetric") -> Callable:
+                    normalization: str = "symmetric", mesh=None) -> Callable:
   """The jitted step `(state, batch) -> (state, metrics)` for one PK batch of uint8 images, normalised
   on the device by `normalization` (transforms.normalize).
 
   The gradient is that of the weighted pair sum L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, taken as
   the VJP of S(params) with the cotangent dL_m/dS; without a miner m = 1 and it is the loss's gradient.
   A miner receives the same VJP, so a virtual step (MMSI) reuses the forward pass.
+  With a mesh, the new state and the metrics come out replicated over it (see parallel.py).
   """
 
   def train_step(state: TrainState, batch: dict):
@@ -185,7 +192,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     return dataclasses.replace(state, step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, rng=rng, miner_state=miner_state), metrics
 
-  return jax.jit(train_step)
+  return jax.jit(train_step, out_shardings=None if mesh is None else parallel.replicated(mesh))
 
 
 def make_embed_fn(model, normalization: str = "symmetric") -> Callable:
@@ -209,9 +216,14 @@ def embed_split(embed: Callable, source, batch_size: int,
   return np.concatenate(outputs), np.concatenate(labels)
 
 
-def raw_pixels(images) -> np.ndarray:
-  """The raw-pixel baseline's embedding: flattened pixels, L2-normalised."""
-  flat = np.asarray(images, np.float32).reshape(len(images), -1)
+def raw_pixels(images, max_side: int) -> np.ndarray:
+  """The raw-pixel baseline's embedding: pixels of images [N, H, W, 3] box-downsampled to at most
+  max_side x max_side (so that it fits in memory on large test sets), flattened, L2-normalised."""
+  images = np.asarray(images)
+  if max(images.shape[1:3]) > max_side:
+    images = np.stack([np.asarray(Image.fromarray(image).resize((max_side, max_side), Image.BOX))
+                       for image in images])
+  flat = images.astype(np.float32).reshape(len(images), -1)
   return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
@@ -275,10 +287,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, image_shape, miner)
 
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
+  mesh = parallel.data_mesh()
+  state = jax.device_put(state, parallel.replicated(mesh))
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step)
-  train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner, data.normalization)
+  train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner, data.normalization,
+                               mesh)
   embed_fn = make_embed_fn(model, data.normalization)
 
   def embed(images):  # The current parameters: `state` is rebound every step.
@@ -286,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   final = {}
   if restored_step is None:
-    baseline = evaluate(config, raw_pixels, test_source, "baseline")
+    baseline = evaluate(config, functools.partial(raw_pixels, max_side=config.eval.baseline_side),
+                        test_source, "baseline")
     writer.write(0, baseline)
   else:
     baseline = {k: v for r in reporting.read_metrics(workdir) for k, v in r.items()
@@ -299,12 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_source, sampler, transform=transforms.train_transform(data), start_step=start_step,
       num_steps=num_steps, seed=config.seed,
       validation_classes=mmsi.validation_classes if uses_validation else 0,
-      num_threads=data.num_threads, num_workers=data.num_workers, prefetch=data.prefetch)
+      num_threads=data.num_threads, num_workers=data.num_workers, prefetch=data.prefetch,
+      host_index=jax.process_index(), host_count=jax.process_count())
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()
   for step in range(start_step + 1, num_steps + 1):
-    state, metrics = train_step(state, next(batches))
+    state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
     pending.append((step, metrics))
     boundary = step % config.train.log_every == 0 or step == num_steps
     if not boundary:

@@ -39,9 +39,14 @@ def tiny_config(data_dir, num_steps=20, miner="none"):
 
 
 def latest_params(workdir):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  """(step, state as a tree of arrays) of the latest checkpoint, restored onto this process's device."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_handlers=ocp.StandardCheckpointHandler())
   step = mngr.latest_step()
-  return step, mngr.restore(step, args=ocp.args.StandardRestore())
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        mngr.item_metadata(step))
+  return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
