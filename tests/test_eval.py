@@ -1,8 +1,8 @@
 """Evaluation: retrieval metrics against a brute-force NumPy ranking, NMI against a contingency-table
 computation, k-means as a fixed point, sharding over 4 virtual CPU devices, and the figures.
 
-Embeddings are multiples of 1/64 with small norms, so every inner product is exact in float32 whatever the
-summation order: the brute force and the device then see the very same similarities, ties included.
+Embeddings are multiples of 1/64 with small norms, so every inner product is exact in float32 whatever
+the summation order: the brute force and the device then see the very same similarities, ties included.
 """
 
 import json

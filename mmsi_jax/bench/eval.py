@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def random_split(num_embeddings: int, dim: int, num_classes: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """L2-normalised Gaussian embeddings [N, dim] float32 and labels [N] over classes of near-equal size."""
+  """L2-normalised Gaussian embeddings [N, dim] float32, labels [N] over classes of near-equal size."""
   rng = np.random.default_rng(seed)
   embeddings = rng.standard_normal((num_embeddings, dim), dtype=np.float32)
   embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)

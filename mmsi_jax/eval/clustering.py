@@ -3,8 +3,8 @@
 k-means runs in JAX: k-means++ seeding (Arthur and Vassilvitskii 2007: each new center drawn with
 probability proportional to the squared distance to the nearest center so far), then Lloyd iterations
 until no assignment changes, by squared Euclidean distance. The normalised mutual information uses the
-arithmetic mean of the entropies, NMI = I(U; V) / ((H(U) + H(V)) / 2), the normalisation of scikit-learn's
-default and of DML papers.
+arithmetic mean of the entropies, NMI = I(U; V) / ((H(U) + H(V)) / 2): scikit-learn's default, and the
+normalisation of DML papers.
 """
 
 import functools
@@ -15,7 +15,7 @@ import numpy as np
 
 
 def _squared_distances_less_norm(points, centers):
-  """||x - c||^2 - ||x||^2 [B, K] of points [B, D] to centers [K, D]: the nearest center is its argmin."""
+  """||x - c||^2 - ||x||^2 [B, K] of points [B, D] to centers [K, D]; argmin: the nearest center."""
   return (jnp.sum(centers * centers, axis=1)[None, :]
           - 2 * jnp.matmul(points, centers.T, precision=jax.lax.Precision.HIGHEST))
 
@@ -105,8 +105,8 @@ def nmi(embeddings, labels, *, seed: int = 0, max_iterations: int = 100,
         chunk_size: int = 1024) -> float:
   """NMI of the k-means clusters of `embeddings` [N, D] (K = number of classes) against `labels` [N].
 
-  Costs O(N K D) per Lloyd iteration and K sequential seeding steps over the N points: on SOP's test split
-  (K = 11,316) that is minutes on a CPU.
+  Costs O(N K D) per Lloyd iteration and K sequential seeding steps over the N points: on SOP's test
+  split (K = 11,316) that is minutes on a CPU.
   """
   num_clusters = len(np.unique(np.asarray(labels)))
   _, assignments = kmeans(jnp.asarray(embeddings, jnp.float32), jax.random.PRNGKey(seed),

@@ -2,8 +2,8 @@
 
 Queries are compared with references by inner product (cosine similarity for L2-normalised embeddings),
 computed in full float32 precision, one chunk of queries at a time: a call holds a [chunk, M] block of
-similarities, never N x M. With several devices, each chunk is split across them along the queries and the
-references are replicated, so every query's ranking is computed whole on one device.
+similarities, never N x M. With several devices, each chunk is split across them along the queries and
+the references are replicated, so every query's ranking is computed whole on one device.
 
 Ranking and ties: references are ordered by decreasing similarity, and references of equal similarity by
 increasing index in the reference set. Every metric follows this one order, on any number of devices.
@@ -16,11 +16,12 @@ nearest reference shares its label (Musgrave et al., "A Metric Learning Reality 
   r_precision  = (1/R) sum_{i<=R} rel_i
   map@r        = (1/R) sum_{i<=R} rel_i * (1/i) sum_{j<=i} rel_j
 
-Recall@K is computed from the rank of the first relevant reference (how many references come before it),
-counted over all references, so a large K (e.g. 1000 on SOP) costs no more than K = 1; the R-precision and
-MAP@R come from the top max(R) of each chunk. With no separate references, every embedding is a query
-against all the others (the self-match excluded). Queries whose class has no reference are left out and
-counted in `num_excluded_queries`.
+R-precision and MAP@R come from the list of the max(R) nearest references of each query. Recall@K comes
+from the rank of the first relevant reference (how many references come before it): read from that list,
+made max(K) long when K is at most 64, or else counted over all references, so that a large K (1000 on
+SOP) costs one pass over the similarities rather than a top-1000. With no separate references, every
+embedding is a query against all the others (the self-match excluded). Queries whose class has no
+reference are left out and counted in `num_excluded_queries`.
 """
 
 import functools
@@ -32,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 QUERY_AXIS = "queries"
-# Recall@K for K up to this is read from the list of nearest refs; a larger K counts ranks over all refs.
+# Recall@K for K up to this is read from the list of nearest refs; a larger K counts ranks instead.
 _MAX_LISTED_K = 64
 # The top-k first keeps the k best groups of this many consecutive refs (by their best similarity).
 _GROUP_SIZE = 32
@@ -76,15 +77,45 @@ def _nearest_chunk(queries, query_ids, refs, *, num_refs, k):
   return _top_k(_similarities(queries, query_ids, refs, num_refs), k)
 
 
+def _count_ahead(sim, ref_index, first_hit_sim, first_hit):
+  """How many refs of sim [C, B] (indices ref_index [B]) rank before each query's first relevant ref,
+  whose similarity and index are first_hit_sim [C] and first_hit [C]: [C] int32."""
+  ahead = ((sim > first_hit_sim[:, None])
+           | ((sim == first_hit_sim[:, None]) & (ref_index[None, :] < first_hit[:, None])))
+  return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+
+
+def _first_relevant(sim, ref_index, relevant):
+  """Similarity [C] and index [C] of each query's nearest relevant ref in sim [C, B] (ties: lowest
+  index; -inf when there is none), relevant [C, B] bool, ref_index [B]."""
+  relevant_sim = jnp.where(relevant, sim, -jnp.inf)
+  position = jnp.argmax(relevant_sim, axis=1)
+  return jnp.take_along_axis(relevant_sim, position[:, None], axis=1)[:, 0], ref_index[position]
+
+
+def _list_statistics(listed_hits, num_relevant, first_hit_rank=None):
+  """First-hit rank [C] (read from the list when not given), R-precision [C] and AP@R [C] of queries
+  whose nearest refs, in order, are relevant or not as listed_hits [C, depth] (depth >= R) says."""
+  depth = listed_hits.shape[1]
+  if first_hit_rank is None:
+    first_hit_rank = jnp.where(listed_hits.any(axis=1), jnp.argmax(listed_hits, axis=1), depth)
+  hits = listed_hits & (jnp.arange(depth)[None, :] < num_relevant[:, None])
+  r = jnp.maximum(num_relevant, 1).astype(jnp.float32)
+  precision_at_i = jnp.cumsum(hits, axis=1) / jnp.arange(1, depth + 1)
+  r_precision = jnp.sum(hits, axis=1) / r
+  ap_at_r = jnp.sum(jnp.where(hits, precision_at_i, 0.0), axis=1) / r
+  return first_hit_rank.astype(jnp.int32), r_precision, ap_at_r
+
+
 @functools.partial(jax.jit, static_argnames=("num_refs", "depth", "count_ranks"))
 def _ranking_chunk(queries, query_ids, query_classes, num_relevant, refs, ref_classes, *, num_refs,
                    depth, count_ranks):
   """Per query of a chunk: the rank of its first relevant ref, its R-precision and its AP@R.
 
   Args:
-    queries: [C, D]; query_ids: [C] the query's own index in refs (_NOT_A_REF: none); query_classes: [C] int32;
-    num_relevant: [C] R, at most `depth`; refs: [M', D] and ref_classes: [M'] int32, padded from
-    `num_refs` on.
+    queries: [C, D]; query_ids: [C] the query's own index in refs (_NOT_A_REF: none);
+    query_classes: [C] int32; num_relevant: [C] R, at most `depth`;
+    refs: [M', D] and ref_classes: [M'] int32, padded from `num_refs` on.
     depth: how many nearest refs are listed per query, at least max(R).
     count_ranks: count the refs ranked before the first relevant one over all refs (one more pass over
       the [C, M'] similarities); otherwise the rank is read from the list and is `depth` when the list
@@ -96,22 +127,85 @@ def _ranking_chunk(queries, query_ids, query_classes, num_relevant, refs, ref_cl
   sim = _similarities(queries, query_ids, refs, num_refs)
   _, nearest = _top_k(sim, depth)
   listed_hits = (ref_classes[nearest] == query_classes[:, None]) & (nearest != query_ids[:, None])
+  first_hit_rank = None
   if count_ranks:
-    ref_index = jnp.arange(refs.shape[0])[None, :]
+    ref_index = jnp.arange(refs.shape[0])
     relevant = (ref_classes[None, :] == query_classes[:, None]) & (ref_index != query_ids[:, None])
-    first_hit = jnp.argmax(jnp.where(relevant, sim, -jnp.inf), axis=1)[:, None]  # Lowest index on ties.
-    first_hit_sim = jnp.take_along_axis(sim, first_hit, axis=1)
-    ahead = (sim > first_hit_sim) | ((sim == first_hit_sim) & (ref_index < first_hit))
-    first_hit_rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
-  else:
-    first_hit_rank = jnp.where(listed_hits.any(axis=1), jnp.argmax(listed_hits, axis=1), depth)
+    first_hit_rank = _count_ahead(sim, ref_index, *_first_relevant(sim, ref_index, relevant))
+  return _list_statistics(listed_hits, num_relevant, first_hit_rank)
 
-  hits = listed_hits & (jnp.arange(depth)[None, :] < num_relevant[:, None])
-  r = jnp.maximum(num_relevant, 1).astype(jnp.float32)
-  precision_at_i = jnp.cumsum(hits, axis=1) / jnp.arange(1, depth + 1)
-  r_precision = jnp.sum(hits, axis=1) / r
-  ap_at_r = jnp.sum(jnp.where(hits, precision_at_i, 0.0), axis=1) / r
-  return first_hit_rank.astype(jnp.int32), r_precision, ap_at_r
+
+@functools.partial(jax.jit, static_argnames=("num_items", "block", "depth", "count_ranks"))
+def _symmetric_ranking(items, classes, num_relevant, *, num_items, block, depth, count_ranks):
+  """The statistics of `_ranking_chunk` for every item queried against all the others, with half the
+  products: each block S_IJ = items_I items_J^T with I <= J is computed once and read both by its rows
+  (the queries of block I against refs J) and by its columns (the queries of J against refs I).
+
+  Blocks are visited in the order (0, 0), (0, 1), ..., (1, 1), (1, 2), ..., so that every query sees its
+  refs block by block in increasing index order, and merging its running top-`depth` list with a block's
+  (the running list first) gives ties to the lower index, as `jax.lax.top_k` over the whole row would.
+
+  Args:
+    items: [N', D], padded from `num_items` on to a multiple of `block`; classes: [N'] int32;
+    num_relevant: [N'] R, at most `depth`.
+
+  Returns:
+    first_hit_rank [N'] int32, r_precision [N'], ap_at_r [N'] (rows from num_items on: padding).
+  """
+  num_blocks = items.shape[0] // block
+  pairs = jnp.array([(i, j) for i in range(num_blocks) for j in range(i, num_blocks)], jnp.int32)
+
+  def views(pair_index):
+    """The block's two readings, (query index [B], ref index [B], similarities [B, B]) each."""
+    i, j = pairs[pair_index, 0] * block, pairs[pair_index, 1] * block
+    row_index, col_index = i + jnp.arange(block), j + jnp.arange(block)
+    sim = jnp.matmul(jax.lax.dynamic_slice_in_dim(items, i, block),
+                     jax.lax.dynamic_slice_in_dim(items, j, block).T, precision=jax.lax.Precision.HIGHEST)
+    excluded = ((row_index[:, None] >= num_items) | (col_index[None, :] >= num_items)
+                | (row_index[:, None] == col_index[None, :]))
+    sim = jnp.where(excluded, -jnp.inf, sim)
+    transposed = jnp.where(i == j, -jnp.inf, sim.T)  # A diagonal block is read once.
+    return (row_index, col_index, sim), (col_index, row_index, transposed)
+
+  def rows(state, query_index):
+    return [jax.lax.dynamic_slice_in_dim(x, query_index[0], block) for x in state]
+
+  def write(state, query_index, values):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, v, query_index[0], 0)
+                 for x, v in zip(state, values))
+
+  def list_and_first_hit(pair_index, state):
+    for query_index, ref_index, sim in views(pair_index):
+      listed_sim, listed_index, first_sim, first_index = rows(state, query_index)
+      block_sim, position = _top_k(sim, depth)
+      listed_sim, merged_position = jax.lax.top_k(jnp.concatenate([listed_sim, block_sim], 1), depth)
+      listed_index = jnp.take_along_axis(
+          jnp.concatenate([listed_index, ref_index[position]], 1), merged_position, axis=1)
+      if count_ranks:
+        relevant = classes[ref_index][None, :] == classes[query_index][:, None]
+        block_first_sim, block_first_index = _first_relevant(sim, ref_index, relevant)
+        better = block_first_sim > first_sim  # Equal: the earlier block has the lower index.
+        first_sim = jnp.where(better, block_first_sim, first_sim)
+        first_index = jnp.where(better, block_first_index, first_index)
+      state = write(state, query_index, (listed_sim, listed_index, first_sim, first_index))
+    return state
+
+  num_rows = items.shape[0]
+  _, listed_index, first_sim, first_index = jax.lax.fori_loop(
+      0, len(pairs), list_and_first_hit,
+      (jnp.full((num_rows, depth), -jnp.inf), jnp.zeros((num_rows, depth), jnp.int32),
+       jnp.full((num_rows,), -jnp.inf), jnp.zeros((num_rows,), jnp.int32)))
+  first_hit_rank = None
+  if count_ranks:
+    def count(pair_index, ranks):
+      for query_index, ref_index, sim in views(pair_index):
+        ahead = _count_ahead(sim, ref_index, *rows((first_sim, first_index), query_index))
+        ranks = jax.lax.dynamic_update_slice_in_dim(
+            ranks, rows((ranks,), query_index)[0] + ahead, query_index[0], 0)
+      return ranks
+    first_hit_rank = jax.lax.fori_loop(0, len(pairs), count, jnp.zeros((num_rows,), jnp.int32))
+  listed_hits = classes[listed_index] == classes[:, None]
+  return _list_statistics(listed_hits, num_relevant, first_hit_rank)
 
 
 def _map_query_chunks(chunk_fn: Callable, query_arrays: Sequence[np.ndarray],
@@ -136,6 +230,18 @@ def _replicated_padded(x: np.ndarray) -> jax.Array:
   return jax.device_put(x, NamedSharding(query_mesh(), PartitionSpec()))
 
 
+def _symmetric_statistics(items, classes, num_relevant, block_size, depth, count_ranks):
+  """`_symmetric_ranking` of items [N, D] with blocks of about block_size, as NumPy arrays [N]."""
+  num_items = len(items)
+  block = -(-min(block_size, num_items) // _GROUP_SIZE) * _GROUP_SIZE
+  pad = -num_items % block
+  outputs = _symmetric_ranking(
+      np.pad(items, ((0, pad), (0, 0))), np.pad(classes, (0, pad), constant_values=-1),
+      np.pad(num_relevant, (0, pad)), num_items=num_items, block=block, depth=depth,
+      count_ranks=count_ranks)
+  return [np.asarray(x)[:num_items] for x in outputs]
+
+
 def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
                       chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """The k nearest refs of each query by inner product, nearest first (ties: lower ref index first).
@@ -152,11 +258,11 @@ def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
   """
   queries = np.asarray(queries, np.float32)
   refs = np.asarray(refs, np.float32)
-  ids = np.full(len(queries), _NOT_A_REF, np.int32) if query_ids is None else np.asarray(query_ids, np.int32)
+  ids = np.full(len(queries), _NOT_A_REF) if query_ids is None else np.asarray(query_ids)
   if not 0 < k <= len(refs) - int(query_ids is not None):
     raise ValueError(f"k={k} must be in [1, number of candidate references].")
   chunk_fn = functools.partial(_nearest_chunk, refs=_replicated_padded(refs), num_refs=len(refs), k=k)
-  similarities, indices = _map_query_chunks(chunk_fn, (queries, ids), chunk_size)
+  similarities, indices = _map_query_chunks(chunk_fn, (queries, ids.astype(np.int32)), chunk_size)
   return similarities, indices
 
 
@@ -203,18 +309,21 @@ def retrieval_metrics(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
   if not scored.any():
     raise ValueError("No query has a reference of its own class: retrieval metrics are undefined.")
 
-  query_ids = (np.arange(len(queries)) if self_query else np.full(len(queries), _NOT_A_REF)).astype(np.int32)
-  # List max(R) neighbours, or max(ks) when that is not much more; beyond, count ranks instead.
   depth = int(num_relevant.max())
   count_ranks = max(ks) > max(depth, _MAX_LISTED_K)
   depth = depth if count_ranks else min(max(depth, max(ks)), len(refs) - int(self_query))
-  chunk_fn = functools.partial(
-      _ranking_chunk, refs=_replicated_padded(refs),
-      ref_classes=_replicated_padded(ref_classes.astype(np.int32)), num_refs=len(refs), depth=depth,
-      count_ranks=count_ranks)
-  first_hit_rank, r_precision, ap_at_r = (
-      a[scored] for a in _map_query_chunks(
-          chunk_fn, (queries, query_ids, query_classes, num_relevant), chunk_size))
+  if self_query and query_mesh().size == 1:
+    first_hit_rank, r_precision, ap_at_r = _symmetric_statistics(
+        queries, ref_classes.astype(np.int32), num_relevant, chunk_size, depth, count_ranks)
+  else:
+    query_ids = np.arange(len(queries)) if self_query else np.full(len(queries), _NOT_A_REF)
+    chunk_fn = functools.partial(
+        _ranking_chunk, refs=_replicated_padded(refs),
+        ref_classes=_replicated_padded(ref_classes.astype(np.int32)), num_refs=len(refs), depth=depth,
+        count_ranks=count_ranks)
+    first_hit_rank, r_precision, ap_at_r = _map_query_chunks(
+        chunk_fn, (queries, query_ids.astype(np.int32), query_classes, num_relevant), chunk_size)
+  first_hit_rank, r_precision, ap_at_r = first_hit_rank[scored], r_precision[scored], ap_at_r[scored]
 
   metrics = {f"recall@{k}": float(np.mean(first_hit_rank < k)) for k in ks}
   metrics["precision@1"] = float(np.mean(first_hit_rank == 0))
