@@ -135,79 +135,6 @@ def _ranking_chunk(queries, query_ids, query_classes, num_relevant, refs, ref_cl
   return _list_statistics(listed_hits, num_relevant, first_hit_rank)
 
 
-@functools.partial(jax.jit, static_argnames=("num_items", "block", "depth", "count_ranks"))
-def _symmetric_ranking(items, classes, num_relevant, *, num_items, block, depth, count_ranks):
-  """The statistics of `_ranking_chunk` for every item queried against all the others, with half the
-  products: each block S_IJ = items_I items_J^T with I <= J is computed once and read both by its rows
-  (the queries of block I against refs J) and by its columns (the queries of J against refs I).
-
-  Blocks are visited in the order (0, 0), (0, 1), ..., (1, 1), (1, 2), ..., so that every query sees its
-  refs block by block in increasing index order, and merging its running top-`depth` list with a block's
-  (the running list first) gives ties to the lower index, as `jax.lax.top_k` over the whole row would.
-
-  Args:
-    items: [N', D], padded from `num_items` on to a multiple of `block`; classes: [N'] int32;
-    num_relevant: [N'] R, at most `depth`.
-
-  Returns:
-    first_hit_rank [N'] int32, r_precision [N'], ap_at_r [N'] (rows from num_items on: padding).
-  """
-  num_blocks = items.shape[0] // block
-  pairs = jnp.array([(i, j) for i in range(num_blocks) for j in range(i, num_blocks)], jnp.int32)
-
-  def views(pair_index):
-    """The block's two readings, (query index [B], ref index [B], similarities [B, B]) each."""
-    i, j = pairs[pair_index, 0] * block, pairs[pair_index, 1] * block
-    row_index, col_index = i + jnp.arange(block), j + jnp.arange(block)
-    sim = jnp.matmul(jax.lax.dynamic_slice_in_dim(items, i, block),
-                     jax.lax.dynamic_slice_in_dim(items, j, block).T, precision=jax.lax.Precision.HIGHEST)
-    excluded = ((row_index[:, None] >= num_items) | (col_index[None, :] >= num_items)
-                | (row_index[:, None] == col_index[None, :]))
-    sim = jnp.where(excluded, -jnp.inf, sim)
-    transposed = jnp.where(i == j, -jnp.inf, sim.T)  # A diagonal block is read once.
-    return (row_index, col_index, sim), (col_index, row_index, transposed)
-
-  def rows(state, query_index):
-    return [jax.lax.dynamic_slice_in_dim(x, query_index[0], block) for x in state]
-
-  def write(state, query_index, values):
-    return tuple(jax.lax.dynamic_update_slice_in_dim(x, v, query_index[0], 0)
-                 for x, v in zip(state, values))
-
-  def list_and_first_hit(pair_index, state):
-    for query_index, ref_index, sim in views(pair_index):
-      listed_sim, listed_index, first_sim, first_index = rows(state, query_index)
-      block_sim, position = _top_k(sim, depth)
-      listed_sim, merged_position = jax.lax.top_k(jnp.concatenate([listed_sim, block_sim], 1), depth)
-      listed_index = jnp.take_along_axis(
-          jnp.concatenate([listed_index, ref_index[position]], 1), merged_position, axis=1)
-      if count_ranks:
-        relevant = classes[ref_index][None, :] == classes[query_index][:, None]
-        block_first_sim, block_first_index = _first_relevant(sim, ref_index, relevant)
-        better = block_first_sim > first_sim  # Equal: the earlier block has the lower index.
-        first_sim = jnp.where(better, block_first_sim, first_sim)
-        first_index = jnp.where(better, block_first_index, first_index)
-      state = write(state, query_index, (listed_sim, listed_index, first_sim, first_index))
-    return state
-
-  num_rows = items.shape[0]
-  _, listed_index, first_sim, first_index = jax.lax.fori_loop(
-      0, len(pairs), list_and_first_hit,
-      (jnp.full((num_rows, depth), -jnp.inf), jnp.zeros((num_rows, depth), jnp.int32),
-       jnp.full((num_rows,), -jnp.inf), jnp.zeros((num_rows,), jnp.int32)))
-  first_hit_rank = None
-  if count_ranks:
-    def count(pair_index, ranks):
-      for query_index, ref_index, sim in views(pair_index):
-        ahead = _count_ahead(sim, ref_index, *rows((first_sim, first_index), query_index))
-        ranks = jax.lax.dynamic_update_slice_in_dim(
-            ranks, rows((ranks,), query_index)[0] + ahead, query_index[0], 0)
-      return ranks
-    first_hit_rank = jax.lax.fori_loop(0, len(pairs), count, jnp.zeros((num_rows,), jnp.int32))
-  listed_hits = classes[listed_index] == classes[:, None]
-  return _list_statistics(listed_hits, num_relevant, first_hit_rank)
-
-
 def _map_query_chunks(chunk_fn: Callable, query_arrays: Sequence[np.ndarray],
                       chunk_size: int) -> list[np.ndarray]:
   """Applies `chunk_fn(*chunks) -> tuple of [C, ...]` to fixed-size chunks of the [N, ...] query arrays,
@@ -228,18 +155,6 @@ def _replicated_padded(x: np.ndarray) -> jax.Array:
   """x [M, ...] padded with zeros to a multiple of _GROUP_SIZE rows, on every device."""
   x = np.pad(x, [(0, -len(x) % _GROUP_SIZE)] + [(0, 0)] * (x.ndim - 1))
   return jax.device_put(x, NamedSharding(query_mesh(), PartitionSpec()))
-
-
-def _symmetric_statistics(items, classes, num_relevant, block_size, depth, count_ranks):
-  """`_symmetric_ranking` of items [N, D] with blocks of about block_size, as NumPy arrays [N]."""
-  num_items = len(items)
-  block = -(-min(block_size, num_items) // _GROUP_SIZE) * _GROUP_SIZE
-  pad = -num_items % block
-  outputs = _symmetric_ranking(
-      np.pad(items, ((0, pad), (0, 0))), np.pad(classes, (0, pad), constant_values=-1),
-      np.pad(num_relevant, (0, pad)), num_items=num_items, block=block, depth=depth,
-      count_ranks=count_ranks)
-  return [np.asarray(x)[:num_items] for x in outputs]
 
 
 def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
@@ -312,17 +227,13 @@ def retrieval_metrics(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
   depth = int(num_relevant.max())
   count_ranks = max(ks) > max(depth, _MAX_LISTED_K)
   depth = depth if count_ranks else min(max(depth, max(ks)), len(refs) - int(self_query))
-  if self_query and query_mesh().size == 1:
-    first_hit_rank, r_precision, ap_at_r = _symmetric_statistics(
-        queries, ref_classes.astype(np.int32), num_relevant, chunk_size, depth, count_ranks)
-  else:
-    query_ids = np.arange(len(queries)) if self_query else np.full(len(queries), _NOT_A_REF)
-    chunk_fn = functools.partial(
-        _ranking_chunk, refs=_replicated_padded(refs),
-        ref_classes=_replicated_padded(ref_classes.astype(np.int32)), num_refs=len(refs), depth=depth,
-        count_ranks=count_ranks)
-    first_hit_rank, r_precision, ap_at_r = _map_query_chunks(
-        chunk_fn, (queries, query_ids.astype(np.int32), query_classes, num_relevant), chunk_size)
+  query_ids = np.arange(len(queries)) if self_query else np.full(len(queries), _NOT_A_REF)
+  chunk_fn = functools.partial(
+      _ranking_chunk, refs=_replicated_padded(refs),
+      ref_classes=_replicated_padded(ref_classes.astype(np.int32)), num_refs=len(refs), depth=depth,
+      count_ranks=count_ranks)
+  first_hit_rank, r_precision, ap_at_r = _map_query_chunks(
+      chunk_fn, (queries, query_ids.astype(np.int32), query_classes, num_relevant), chunk_size)
   first_hit_rank, r_precision, ap_at_r = first_hit_rank[scored], r_precision[scored], ap_at_r[scored]
 
   metrics = {f"recall@{k}": float(np.mean(first_hit_rank < k)) for k in ks}
