@@ -81,6 +81,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.ks = (1, 2, 4, 8)  # The K of Recall@K.
-  config.eval.chunk_size = 1024  # Queries per top-k call.
+  config.eval.chunk_size = 1024  # Queries per device call of the exact top-k.
+  config.eval.nmi = True  # Also NMI of k-means (K = test classes); minutes on CPU at SOP's size.
+  config.eval.grid_queries = 8  # Rows (queries) of the retrieval grid PNG written per evaluation.
+  config.eval.grid_results = 6  # Nearest results shown per query in that grid.
   config.eval.baseline_side = 32  # Raw-pixel baseline: test images box-downsampled to at most this side.
   return config

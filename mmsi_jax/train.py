@@ -23,7 +23,7 @@ from PIL import Image
 from mmsi_jax import checkpointing, losses, mining, models, parallel, reporting
 from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
-from mmsi_jax.eval import retrieval_metrics
+from mmsi_jax.eval import figures, nearest_neighbors, nmi, retrieval_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -227,12 +227,45 @@ def raw_pixels(images, max_side: int) -> np.ndarray:
   return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
-def evaluate(config: ml_collections.ConfigDict, embed: Callable, source, prefix: str) -> dict:
+def evaluate(config: ml_collections.ConfigDict, embed: Callable, source, prefix: str,
+             figures_prefix: Optional[str] = None) -> dict:
+  """Metrics of the split queried against itself, keyed "<prefix>/<metric>": retrieval metrics, and NMI
+  when config.eval.nmi. With figures_prefix, also writes <figures_prefix>_grid.png (queries and their
+  nearest results) and <figures_prefix>_recall.png (the Recall@K curve)."""
   embeddings, labels = embed_split(embed, source, config.data.eval_batch_size,
                                    transforms.test_transform(config.data))
-  metrics = retrieval_metrics(embeddings, labels, ks=tuple(config.eval.ks),
-                              chunk_size=config.eval.chunk_size)
+  ks = tuple(config.eval.ks)
+  metrics = retrieval_metrics(embeddings, labels, ks=ks, chunk_size=config.eval.chunk_size)
+  if config.eval.nmi:
+    metrics["nmi"] = nmi(embeddings, labels, seed=config.seed)
+  if figures_prefix:
+    os.makedirs(os.path.dirname(figures_prefix), exist_ok=True)
+    figures.recall_curve(ks, [metrics[f"recall@{k}"] for k in ks], title=f"{prefix}: Recall@K").save(
+        f"{figures_prefix}_recall.png")
+    draw_retrieval_grid(config, embeddings, labels, source).save(f"{figures_prefix}_grid.png")
   return {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
+
+
+def draw_retrieval_grid(config: ml_collections.ConfigDict, embeddings: np.ndarray, labels: np.ndarray,
+                        source):
+  """The grid of config.eval.grid_queries queries spread over the split, each with its
+  config.eval.grid_results nearest other images, right (same label) or wrong."""
+  queries = np.linspace(0, len(labels) - 1, config.eval.grid_queries).astype(np.int64)
+  _, neighbors = nearest_neighbors(embeddings[queries], embeddings, config.eval.grid_results,
+                                   query_ids=queries)
+
+  test_transform = transforms.test_transform(config.data)
+
+  def images(indices):
+    return np.stack([test_transform(source[int(i)]["image"]) for i in indices])
+
+  return figures.retrieval_grid(images(queries), np.stack([images(row) for row in neighbors]),
+                                labels[neighbors] == labels[queries, None])
+
+
+def figures_path_prefix(workdir: str, name: str) -> str:
+  """Where an evaluation's figures go: <workdir>/eval/<name>_grid.png and <name>_recall.png."""
+  return os.path.join(workdir, "eval", name)
 
 
 def _ensure_writable(workdir: str) -> None:
@@ -302,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final = {}
   if restored_step is None:
     baseline = evaluate(config, functools.partial(raw_pixels, max_side=config.eval.baseline_side),
-                        test_source, "baseline")
+                        test_source, "baseline", figures_path_prefix(workdir, "baseline"))
     writer.write(0, baseline)
   else:
     baseline = {k: v for r in reporting.read_metrics(workdir) for k, v in r.items()
@@ -340,7 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(step, means)
     print(progress.line(step, {"loss": means["train/loss"]}), flush=True)
     if step % config.train.eval_every == 0 or step == num_steps:
-      evaluation = evaluate(config, embed, test_source, "test")
+      evaluation = evaluate(config, embed, test_source, "test",
+                            figures_path_prefix(workdir, f"step_{step:06d}"))
       writer.write(step, evaluation)
       final = {**baseline, **evaluation}
       print("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()),
@@ -355,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.",
           flush=True)
   if not any(k.startswith("test/") for k in final):  # Resumed a finished run: evaluate once more.
-    final.update(evaluate(config, embed, test_source, "test"))
+    final.update(evaluate(config, embed, test_source, "test",
+                          figures_path_prefix(workdir, f"step_{num_steps:06d}")))
   columns = [k.split("/", 1)[1] for k in final if k.startswith("test/")]
   rows = {
       "raw pixels": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("baseline/")},

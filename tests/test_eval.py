@@ -1,0 +1,248 @@
+"""Evaluation: retrieval metrics against a brute-force NumPy ranking, NMI against a contingency-table
+computation, k-means as a fixed point, sharding over 4 virtual CPU devices, and the figures.
+
+Embeddings are multiples of 1/64 with small norms, so every inner product is exact in float32 whatever
+the summation order: the brute force and the device then see the very same similarities, ties included.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from mmsi_jax.eval import figures, kmeans, nearest_neighbors, nmi, normalized_mutual_information
+from mmsi_jax.eval import retrieval, retrieval_metrics
+
+
+def brute_force_order(sim_row: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+  """Candidates sorted by decreasing similarity, equal similarities by increasing index."""
+  return candidates[np.lexsort((candidates, -sim_row[candidates]))]
+
+
+def brute_force_metrics(queries, query_labels, refs, ref_labels, ks, self_query):
+  """Every metric from the full ranking of each query, straight from the definitions."""
+  sim = np.asarray(queries, np.float64) @ np.asarray(refs, np.float64).T
+  per_query = {f"recall@{k}": [] for k in ks} | {"precision@1": [], "r_precision": [], "map@r": []}
+  excluded = 0
+  for i, label in enumerate(query_labels):
+    candidates = np.delete(np.arange(len(refs)), i) if self_query else np.arange(len(refs))
+    ranked_relevance = ref_labels[brute_force_order(sim[i], candidates)] == label
+    r = int(ranked_relevance.sum())
+    if r == 0:
+      excluded += 1
+      continue
+    for k in ks:
+      per_query[f"recall@{k}"].append(ranked_relevance[:k].any())
+    per_query["precision@1"].append(ranked_relevance[0])
+    per_query["r_precision"].append(ranked_relevance[:r].sum() / r)
+    precision_at = [ranked_relevance[:i + 1].sum() / (i + 1) for i in range(r)]
+    per_query["map@r"].append(sum(p for p, rel in zip(precision_at, ranked_relevance[:r]) if rel) / r)
+  metrics = {name: float(np.mean(values)) for name, values in per_query.items()}
+  metrics["num_queries"] = len(query_labels) - excluded
+  metrics["num_excluded_queries"] = excluded
+  return metrics
+
+
+def unequal_labels(rng, num_classes):
+  """Labels of classes of 1 to 12 items (several of one item), shuffled."""
+  sizes = rng.integers(1, 13, num_classes)
+  sizes[:3] = 1
+  return rng.permutation(np.repeat(rng.permutation(10 * num_classes)[:num_classes], sizes))
+
+
+def dyadic(x):
+  return np.round(np.asarray(x) * 64) / 64
+
+
+def random_embeddings(rng, labels, dim=16):
+  return dyadic(rng.standard_normal((len(labels), dim)) / 2).astype(np.float32)
+
+
+def clustered_embeddings(rng, labels, dim=16):
+  centers = rng.standard_normal((labels.max() + 1, dim))
+  return dyadic(centers[labels] + 0.6 * rng.standard_normal((len(labels), dim))).astype(np.float32)
+
+
+def tied_embeddings(rng, labels, dim=4):
+  """Coordinates in {-1, 0, 1}: most similarities are shared by many references."""
+  return rng.integers(-1, 2, (len(labels), dim)).astype(np.float32)
+
+
+def assert_metrics_equal(actual, expected):
+  assert actual.keys() == expected.keys()
+  for key, value in expected.items():
+    assert actual[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("make_embeddings", [random_embeddings, clustered_embeddings, tied_embeddings])
+@pytest.mark.parametrize("ks", [(1, 2, 4, 8), (1, 10, 100)])
+def test_self_query_matches_brute_force(make_embeddings, ks):
+  rng = np.random.default_rng(0)
+  labels = unequal_labels(rng, 300)  # About 2,000: the top-k goes through groups of references.
+  embeddings = make_embeddings(rng, labels)
+  expected = brute_force_metrics(embeddings, labels, embeddings, labels, ks, self_query=True)
+  assert expected["num_excluded_queries"] >= 3
+  assert_metrics_equal(retrieval_metrics(embeddings, labels, ks=ks, chunk_size=96), expected)
+
+
+@pytest.mark.parametrize("make_embeddings", [clustered_embeddings, tied_embeddings])
+def test_separate_references_match_brute_force(make_embeddings):
+  rng = np.random.default_rng(1)
+  ref_labels = unequal_labels(rng, 150)
+  refs = make_embeddings(rng, ref_labels)
+  query_labels = np.concatenate([ref_labels[:250], [-5, 10_000]])  # Two classes without references.
+  queries = make_embeddings(rng, query_labels)
+  ks = (1, 3, 50, 5000)  # 5000: more than the references.
+  expected = brute_force_metrics(queries, query_labels, refs, ref_labels, ks, self_query=False)
+  actual = retrieval_metrics(queries, query_labels, ref_embeddings=refs, ref_labels=ref_labels, ks=ks,
+                             chunk_size=64)
+  assert actual["num_excluded_queries"] == 2
+  assert_metrics_equal(actual, expected)
+
+
+def test_grouped_top_k_matches_top_k_with_ties():
+  rng = np.random.default_rng(2)
+  sim = jax.numpy.asarray(rng.integers(0, 6, (7, 40 * retrieval._GROUP_SIZE)).astype(np.float32))
+  for k in (1, 5, 10):
+    values, indices = retrieval._top_k(sim, k)
+    expected = np.stack([brute_force_order(row, np.arange(len(row)))[:k] for row in np.asarray(sim)])
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(np.asarray(sim), expected, axis=1))
+
+
+def test_tie_rule_lower_reference_index_first():
+  refs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+  queries = np.array([[1.0, 0.0]], np.float32)
+  # The two nearest references are tied; the one of lower index ranks first.
+  assert retrieval_metrics(queries, np.array([7]), ref_embeddings=refs, ref_labels=np.array([7, 3, 3]),
+                           ks=(1,))["recall@1"] == 1.0
+  assert retrieval_metrics(queries, np.array([7]), ref_embeddings=refs, ref_labels=np.array([3, 7, 3]),
+                           ks=(1, 2))["recall@1"] == 0.0
+  _, indices = nearest_neighbors(queries, refs, 3)
+  np.testing.assert_array_equal(indices, [[0, 1, 2]])
+
+
+def test_chunk_size_does_not_change_results():
+  rng = np.random.default_rng(3)
+  labels = unequal_labels(rng, 80)
+  embeddings = tied_embeddings(rng, labels)
+  results = [retrieval_metrics(embeddings, labels, ks=(1, 4, 100), chunk_size=c) for c in (1, 37, 4096)]
+  assert results[0] == results[1] == results[2]
+
+
+def test_nearest_neighbors_excludes_the_query_itself():
+  rng = np.random.default_rng(4)
+  labels = unequal_labels(rng, 60)
+  embeddings = tied_embeddings(rng, labels)
+  query_ids = np.array([0, 5, len(labels) - 1])
+  similarities, indices = nearest_neighbors(embeddings[query_ids], embeddings, 7, query_ids=query_ids)
+  sim = embeddings[query_ids] @ embeddings.T
+  for row, i in enumerate(query_ids):
+    expected = brute_force_order(sim[row], np.delete(np.arange(len(labels)), i))[:7]
+    np.testing.assert_array_equal(indices[row], expected)
+    np.testing.assert_array_equal(similarities[row], sim[row, expected])
+
+
+def test_no_query_with_a_reference_raises():
+  with pytest.raises(ValueError, match="No query has a reference"):
+    retrieval_metrics(np.eye(3, dtype=np.float32), np.array([0, 1, 2]))
+
+
+_SHARDED_SCRIPT = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+import jax
+from mmsi_jax.eval import nearest_neighbors, query_mesh, retrieval_metrics
+x = np.asarray(json.loads(sys.argv[1]), np.float32)
+labels = np.asarray(json.loads(sys.argv[2]))
+_, indices = nearest_neighbors(x, x, 5, query_ids=np.arange(len(x)), chunk_size=30)
+print(json.dumps({"devices": query_mesh().size, "neighbors": indices.tolist(),
+                  "metrics": retrieval_metrics(x, labels, ks=(1, 2, 8), chunk_size=30)}))
+"""
+
+
+def test_sharded_over_four_devices_gives_the_same_results():
+  rng = np.random.default_rng(5)
+  labels = unequal_labels(rng, 50)
+  embeddings = tied_embeddings(rng, labels)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  output = subprocess.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT, json.dumps(embeddings.tolist()),
+       json.dumps(labels.tolist())],
+      env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
+      check=True).stdout
+  sharded = json.loads(output)
+  assert sharded["devices"] == 4
+  _, indices = nearest_neighbors(embeddings, embeddings, 5, query_ids=np.arange(len(labels)))
+  np.testing.assert_array_equal(sharded["neighbors"], indices)
+  assert sharded["metrics"] == retrieval_metrics(embeddings, labels, ks=(1, 2, 8))
+  assert_metrics_equal(
+      sharded["metrics"], brute_force_metrics(embeddings, labels, embeddings, labels, (1, 2, 8), True))
+
+
+def contingency_nmi(labels_a, labels_b):
+  """NMI from the dense contingency table: I = H(A) + H(B) - H(A, B), over the mean entropy."""
+  _, a = np.unique(labels_a, return_inverse=True)
+  _, b = np.unique(labels_b, return_inverse=True)
+  table = np.zeros((a.max() + 1, b.max() + 1))
+  np.add.at(table, (a, b), 1)
+  h_a, h_b = stats.entropy(table.sum(axis=1)), stats.entropy(table.sum(axis=0))
+  mutual_information = h_a + h_b - stats.entropy(table.ravel())
+  return mutual_information / ((h_a + h_b) / 2)
+
+
+@pytest.mark.parametrize("num_a,num_b", [(2, 2), (5, 13), (40, 7)])
+def test_normalized_mutual_information_matches_contingency_table(num_a, num_b):
+  rng = np.random.default_rng(num_a * num_b)
+  a = rng.integers(0, num_a, 500)
+  b = np.where(rng.random(500) < 0.6, a % num_b, rng.integers(0, num_b, 500)) * 3 - 7
+  assert normalized_mutual_information(a, b) == pytest.approx(contingency_nmi(a, b), rel=1e-9)
+
+
+def test_normalized_mutual_information_extremes():
+  labels = np.array([3, 3, 1, 1, 2])
+  assert normalized_mutual_information(labels, 10 - labels) == pytest.approx(1.0)
+  assert normalized_mutual_information(labels, np.zeros(5)) == 0.0
+  assert normalized_mutual_information(np.zeros(5), np.zeros(5)) == 1.0
+
+
+def test_kmeans_converges_to_a_fixed_point():
+  rng = np.random.default_rng(6)
+  points = rng.standard_normal((300, 5)).astype(np.float32)
+  centers, assignments = kmeans(points, jax.random.PRNGKey(0), num_clusters=7, chunk_size=64)
+  centers, assignments = np.asarray(centers, np.float64), np.asarray(assignments)
+  distances = ((points[:, None, :] - centers[None]) ** 2).sum(axis=2)
+  np.testing.assert_array_equal(assignments, distances.argmin(axis=1))
+  assert len(np.unique(assignments)) == 7
+  for cluster in range(7):
+    np.testing.assert_allclose(centers[cluster], points[assignments == cluster].mean(axis=0), atol=1e-5)
+
+
+def test_nmi_is_one_on_separated_classes_and_deterministic():
+  rng = np.random.default_rng(7)
+  labels = rng.integers(0, 12, 400)
+  centers = 30 * rng.standard_normal((12, 8))
+  embeddings = (centers[labels] + rng.standard_normal((400, 8))).astype(np.float32)
+  assert nmi(embeddings, labels) == pytest.approx(1.0)
+  noisy = rng.standard_normal((400, 8)).astype(np.float32)
+  assert nmi(noisy, labels, seed=3) == nmi(noisy, labels, seed=3) < 0.5
+
+
+def test_figures_mark_right_and_wrong():
+  rng = np.random.default_rng(8)
+  correct = np.array([[True, False, True], [False, False, True]])
+  grid = figures.retrieval_grid(rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+                                rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8), correct, cell=20)
+  assert grid.size == (4 * 20 + 10, 2 * 20)
+  frame_colours = [[grid.getpixel((20 + 10 + col * 20 + 1, row * 20 + 1)) for col in range(3)]
+                   for row in range(2)]
+  expected = [[figures._CORRECT if c else figures._WRONG for c in row] for row in correct]
+  assert frame_colours == expected
+  curve = figures.recall_curve((1, 2, 4), (0.2, 0.5, 0.9))
+  assert curve.size == (480, 320) and len(np.unique(np.asarray(curve).reshape(-1, 3), axis=0)) > 2
