@@ -30,6 +30,7 @@ from PIL import Image
 from scipy import io as scipy_io
 import tensorflow_datasets as tfds
 
+from mmsi_jax.data import schema
 from mmsi_jax.data.transforms import decode_image
 
 SPLITS = ("train", "test")
@@ -147,12 +148,8 @@ class OfficialArchivesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration
         builder=self,
         description=self.__doc__,
         homepage=self.HOMEPAGE,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.Scalar(np.int64, doc="Class index, 0-based within the split."),
-            "class_id": tfds.features.Scalar(np.int64, doc="The original class id."),
-            "file_name": tfds.features.Text(),
-        }),
+        features=schema.example_features(
+            tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")),
         supervised_keys=("image", "label"),
         metadata=tfds.core.MetadataDict(),
     )

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from mmsi_jax.data import schema
+
 NUM_CLASSES = 200
 IMAGES_PER_CLASS = 24
 IMAGE_SIZE = 32
@@ -140,12 +142,8 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
-            "label": tfds.features.Scalar(np.int64, doc="Class index, 0-based within the split."),
-            "class_id": tfds.features.Scalar(np.int64, doc="Class index in the whole dataset."),
-            "file_name": tfds.features.Text(),
-        }),
+        features=schema.example_features(
+            tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png")),
         supervised_keys=("image", "label"),
     )
 
