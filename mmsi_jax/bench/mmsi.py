@@ -5,11 +5,13 @@
 For each model (the demo CNN at 32 px with batch 64 = 16 x 4, ResNet-18 at 64 px with batch 32 = 8 x 4),
 times the jitted train step without a miner and with MMSI (weighting net, virtual step over `all`
 parameters and over the `head`; l2rw over `all`), validation batches of 10 images. Reports each MMSI
-step as a ratio to the plain step and the compiled step's memory (arguments + outputs + temporaries,
+step as a ratio to the plain step (the variants timed in turn, round after round, so that they share
+the machine's load) and the compiled step's memory (arguments + outputs + temporaries,
 from XLA's memory analysis).
 """
 
 import argparse
+import functools
 
 import jax
 import numpy as np
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     kwargs, image_size, classes = MODELS[model_name]
     model = models.get(model_name, **kwargs)
     batch = _batch(image_size, classes, 4, config.miner.mmsi.validation_classes)
-    times = {}
+    calls = {}
     for variant, settings in VARIANTS.items():
       miner = None
       if settings is not None:
@@ -66,14 +68,16 @@ def run(args: argparse.Namespace) -> dict:
         miner = mining.get(miner_config, model, pair_loss, hparams, num_classes=classes)
       state = train.create_train_state(jax.random.PRNGKey(0), model, tx,
                                        batch["images"].shape[1:], miner)
-      step = train.make_train_step(model, tx, schedule, pair_loss, hparams, miner)
-      compiled = step.lower(state, batch).compile()
+      compiled = train.make_train_step(model, tx, schedule, pair_loss, hparams, miner).lower(
+          state, batch).compile()
       memory = compiled.memory_analysis()
-      times[variant] = timing.time_call(lambda: compiled(state, batch), repeats=args.repeats)
-      prefix = f"{model_name}/{variant}"
-      figures[f"{prefix}/step_ms"] = 1e3 * times[variant]
-      figures[f"{prefix}/x_plain"] = times[variant] / times["plain"]
       if memory is not None:
-        figures[f"{prefix}/memory_mb"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                          + memory.temp_size_in_bytes) / 2**20
+        figures[f"{model_name}/{variant}/memory_mb"] = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes) / 2**20
+      calls[variant] = functools.partial(compiled, state, batch)
+    times = timing.time_interleaved(calls, repeats=args.repeats)
+    for variant, seconds in times.items():
+      figures[f"{model_name}/{variant}/step_ms"] = 1e3 * seconds
+      figures[f"{model_name}/{variant}/x_plain"] = seconds / times["plain"]
   return figures

@@ -35,6 +35,22 @@ def time_calls_interleaved(fns: Sequence[Callable[[], Any]], *, repeats: int = 1
   return [float(np.median(t)) for t in times]
 
 
+def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int = 10,
+                     warmup: int = 2) -> dict[str, float]:
+  """Median wall time in seconds of each call, timed in turn round after round, so that a change in the
+  machine's load affects every call alike."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def device_description() -> str:
   device = jax.devices()[0]
   return f"{jax.device_count()} x {device.device_kind} ({device.platform})"
