@@ -11,7 +11,6 @@ import pytest
 from configs import default
 from mmsi_jax import losses, mining, models, train
 from mmsi_jax.mining import memory as memory_lib
-from mmsi_jax.mining.mmsi import pair_features
 
 HPARAMS = dict(alpha=2.0, beta=10.0, base=0.5, epsilon=0.1)
 
@@ -93,9 +92,10 @@ def test_meta_gradients_match_finite_differences(scope):
     # d L_meta / d phi through m = phi(pair features).
     state = miner.init(jax.random.PRNGKey(3), embed_dim=6)
     net_params = jax.tree.map(lambda x: x.astype(jnp.float64), state.net_params)
-    features = pair_features(inputs.pairs, inputs.weights)
-    active = inputs.weights != 0
-    objective = jax.jit(lambda phi: meta_loss(miner._net_multipliers(phi, features, active)))
+    objective = jax.jit(lambda phi: meta_loss(miner.net_multipliers(phi, inputs.pairs, inputs.weights)))
+    m = miner.net_multipliers(net_params, inputs.pairs, inputs.weights)
+    for group in (inputs.pairs.pos & (inputs.weights != 0), inputs.pairs.neg & (inputs.weights != 0)):
+      np.testing.assert_allclose(np.mean(np.asarray(m)[np.asarray(group)]), 1.0, rtol=1e-10)
     check_grads(objective, (net_params,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-5)
 
 

@@ -13,8 +13,11 @@ more backward pass and its transpose, and the real update reuses the same VJP wi
 Modes:
   weighting_net  m = phi(S_ij, W_ij, positive or negative, rank of the pair within its anchor) in (0, 1),
                  an MLP trained with its own optax optimizer on L_meta; m is then recomputed with the
-                 updated phi and rescaled to mean 1 over the pairs with non-zero W, so only the relative
-                 weighting is learned and the step size stays the loss's own.
+                 updated phi and rescaled to mean 1 over the positive and, separately, over the negative
+                 pairs with non-zero W (as OSM+CAA normalises its weights): phi chooses which pairs to
+                 pull and push harder, not whether to pull or push, and the step size stays the loss's
+                 own. (With one mean over all pairs, the one-step look-ahead learns to silence the
+                 positives and the embedding collapses.)
   l2rw           as the authors' code: m = 0 as a differentiable input, weights relu(-dL_meta/dm)
                  normalised to max 1; when every meta-gradient is >= 0 the step falls back to uniform
                  weights (m = 1) and counts it, instead of dividing by zero.
@@ -180,13 +183,18 @@ class MMSI:
       return self.pair_loss(val.sim, val.pos, val.neg, **self.hparams)
     return meta_loss
 
-  def _net_multipliers(self, net_params, features, active):
-    m = self.net.apply(net_params, features)
-    return m / jnp.maximum(jnp.sum(jnp.where(active, m, 0.0)) / jnp.maximum(active.sum(), 1), 1e-12)
+  def net_multipliers(self, net_params, pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
+    """m = phi(pair features) [B, M], rescaled to mean 1 over the active positives and negatives."""
+    m = self.net.apply(net_params, pair_features(pairs, weights))
+    active = weights != 0
+    scale = jnp.ones_like(m)
+    for group in (pairs.pos & active, pairs.neg & active):
+      mean = jnp.sum(jnp.where(group, m, 0.0)) / jnp.maximum(group.sum(), 1)
+      scale = jnp.where(group, 1.0 / jnp.maximum(mean, 1e-12), scale)
+    return m * scale
 
   def _meta_step(self, state: MMSIState, inputs: StepInputs):
     meta_loss = self.meta_loss_fn(state.memory, inputs)
-    active = inputs.weights != 0
     if self.config.mode == "l2rw":
       loss, meta_grad = jax.value_and_grad(meta_loss)(jnp.zeros_like(inputs.weights))
       raw = jax.nn.relu(-meta_grad)
@@ -195,12 +203,11 @@ class MMSI:
       multipliers = jnp.where(fallback, 1.0, raw / jnp.where(fallback, 1.0, largest))
       return multipliers, state.replace(fallbacks=state.fallbacks + fallback), loss, fallback
 
-    features = pair_features(inputs.pairs, inputs.weights)
-    loss, net_grad = jax.value_and_grad(
-        lambda net: meta_loss(self._net_multipliers(net, features, active)))(state.net_params)
+    loss, net_grad = jax.value_and_grad(lambda net: meta_loss(
+        self.net_multipliers(net, inputs.pairs, inputs.weights)))(state.net_params)
     updates, net_opt_state = self.net_tx.update(net_grad, state.net_opt_state, state.net_params)
     net_params = optax.apply_updates(state.net_params, updates)
-    multipliers = self._net_multipliers(net_params, features, active)
+    multipliers = self.net_multipliers(net_params, inputs.pairs, inputs.weights)
     return (multipliers, state.replace(net_params=net_params, net_opt_state=net_opt_state), loss,
             jnp.zeros((), bool))
 
