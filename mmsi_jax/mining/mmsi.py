@@ -13,11 +13,11 @@ more backward pass and its transpose, and the real update reuses the same VJP wi
 Modes:
   weighting_net  m = phi(S_ij, W_ij, positive or negative, rank of the pair within its anchor) in (0, 1),
                  an MLP trained with its own optax optimizer on L_meta; m is then recomputed with the
-                 updated phi and rescaled to mean 1 over the positive and, separately, over the negative
-                 pairs with non-zero W (as OSM+CAA normalises its weights): phi chooses which pairs to
-                 pull and push harder, not whether to pull or push, and the step size stays the loss's
-                 own. (With one mean over all pairs, the one-step look-ahead learns to silence the
-                 positives and the embedding collapses.)
+                 updated phi and rescaled, over the positive and separately over the negative pairs, so
+                 that sum m|W| = sum |W|: phi redistributes the loss's own pull and push among the
+                 pairs, without changing how hard the loss pulls or pushes in all. (Without this, the
+                 one-step look-ahead learns to push hard negatives many times harder and to silence
+                 hard positives, and the embedding collapses.)
   l2rw           as the authors' code: m = 0 as a differentiable input, weights relu(-dL_meta/dm)
                  normalised to max 1; when every meta-gradient is >= 0 the step falls back to uniform
                  weights (m = 1) and counts it, instead of dividing by zero.
@@ -184,13 +184,15 @@ class MMSI:
     return meta_loss
 
   def net_multipliers(self, net_params, pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
-    """m = phi(pair features) [B, M], rescaled to mean 1 over the active positives and negatives."""
+    """m = phi(pair features) [B, M], rescaled so that sum m|W| = sum |W| over the positives and over
+    the negatives."""
     m = self.net.apply(net_params, pair_features(pairs, weights))
-    active = weights != 0
+    magnitude = jnp.abs(weights)
     scale = jnp.ones_like(m)
-    for group in (pairs.pos & active, pairs.neg & active):
-      mean = jnp.sum(jnp.where(group, m, 0.0)) / jnp.maximum(group.sum(), 1)
-      scale = jnp.where(group, 1.0 / jnp.maximum(mean, 1e-12), scale)
+    for group in (pairs.pos, pairs.neg):
+      total = jnp.sum(jnp.where(group, magnitude, 0.0))
+      weighted = jnp.sum(jnp.where(group, m * magnitude, 0.0))
+      scale = jnp.where(group, total / jnp.maximum(weighted, 1e-12), scale)
     return m * scale
 
   def _meta_step(self, state: MMSIState, inputs: StepInputs):
