@@ -168,9 +168,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     labels = batch["labels"]
     sim, sim_vjp, (pairs, features, embeddings, batch_stats) = batch_similarities(
         model, state.params, state.batch_stats, images, labels)
-    weights = losses.pair_weights(pair_loss, pairs, **hparams)
+    loss, weights = losses.loss_and_pair_weights(pair_loss, pairs, **hparams)
     metrics = {
-        "train/loss": pair_loss(sim, pairs.pos, pairs.neg, **hparams),
+        "train/loss": loss,
         "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
         "train/pos_sim": jnp.sum(jnp.where(pairs.pos, sim, 0.0)) / jnp.maximum(pairs.pos.sum(), 1),
         "train/neg_sim": jnp.sum(jnp.where(pairs.neg, sim, 0.0)) / jnp.maximum(pairs.neg.sum(), 1),

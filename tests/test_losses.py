@@ -80,6 +80,9 @@ def test_pair_weights_are_dloss_dsim_and_reproduce_the_gradient():
     e = jnp.asarray(x)
     pairs = losses.build_pairs(e, jnp.asarray(labels))
     weights = jax.jit(lambda p: losses.pair_weights(loss_fn, p, **HPARAMS))(pairs)
+    value, same_weights = losses.loss_and_pair_weights(loss_fn, pairs, **HPARAMS)
+    np.testing.assert_allclose(value, loss_fn(pairs.sim, pairs.pos, pairs.neg, **HPARAMS), rtol=1e-12)
+    np.testing.assert_allclose(same_weights, weights, rtol=1e-12)
     # W against central finite differences of L in each entry of S.
     eps = 1e-6
     rng = np.random.default_rng(0)

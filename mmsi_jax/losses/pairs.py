@@ -105,9 +105,14 @@ def _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels, ref_valid
           jnp.concatenate([valid, ref_valid.astype(bool)], axis=0))
 
 
+def loss_and_pair_weights(loss_fn: PairLossFn, pairs: Pairs, **hparams) -> tuple[jax.Array, jax.Array]:
+  """(L, W = dL/dS [B, M]) of a pair loss, from one evaluation of the loss."""
+  return jax.value_and_grad(lambda sim: loss_fn(sim, pairs.pos, pairs.neg, **hparams))(pairs.sim)
+
+
 def pair_weights(loss_fn: PairLossFn, pairs: Pairs, **hparams) -> jax.Array:
   """W = dL/dS [B, M] of a pair loss: sign says push (+) or pull (-), size says how hard."""
-  return jax.grad(lambda sim: loss_fn(sim, pairs.pos, pairs.neg, **hparams))(pairs.sim)
+  return loss_and_pair_weights(loss_fn, pairs, **hparams)[1]
 
 
 def weighted_pair_loss(sim: jax.Array, weights: jax.Array,
