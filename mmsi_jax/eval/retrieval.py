@@ -42,8 +42,9 @@ _NOT_A_REF = np.iinfo(np.int32).max
 
 
 def query_mesh() -> Mesh:
-  """A 1-D mesh over all devices; chunks of queries are split along its axis `QUERY_AXIS`."""
-  return Mesh(np.array(jax.devices()), (QUERY_AXIS,))
+  """A 1-D mesh over this process's devices; chunks of queries are split along its axis `QUERY_AXIS`.
+  (In a multi-host run every process evaluates on its own devices.)"""
+  return Mesh(np.array(jax.local_devices()), (QUERY_AXIS,))
 
 
 def _similarities(queries, query_ids, refs, num_refs):
