@@ -105,14 +105,71 @@ def test_separate_references_match_brute_force(make_embeddings):
   assert_metrics_equal(actual, expected)
 
 
-def test_grouped_top_k_matches_top_k_with_ties():
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("few_queries", [64, 2])
+def test_merge_block_matches_brute_force_with_ties(axis, few_queries, monkeypatch):
+  monkeypatch.setattr(retrieval, "_FEW_QUERIES", few_queries)
   rng = np.random.default_rng(2)
-  sim = jax.numpy.asarray(rng.integers(0, 6, (7, 40 * retrieval._GROUP_SIZE)).astype(np.float32))
-  for k in (1, 5, 10):
-    values, indices = retrieval._top_k(sim, k)
-    expected = np.stack([brute_force_order(row, np.arange(len(row)))[:k] for row in np.asarray(sim)])
-    np.testing.assert_array_equal(indices, expected)
-    np.testing.assert_array_equal(values, np.take_along_axis(np.asarray(sim), expected, axis=1))
+  num_queries, num_refs, depth = 40, 8 * retrieval._GROUP_SIZE, 9
+  for listed_first in (True, False):  # The listed refs come before the block's, or after.
+    ref_start = 1000 if listed_first else 0
+    listed_index = np.stack([rng.choice(np.arange(num_refs, 1000), depth, replace=False)
+                             for _ in range(num_queries)])
+    listed_index = listed_index if listed_first else listed_index + 2000
+    listed_sim = rng.integers(0, 6, (num_queries, depth)).astype(np.float32)
+    listed_sim[:5, 4:] = -np.inf  # Lists not full yet.
+    block = rng.integers(0, 6, (num_queries, num_refs)).astype(np.float32)
+    block[:3] = -np.inf  # Queries with nothing to take.
+    block[3:6, :] = np.where(rng.random((3, num_refs)) < 0.9, -np.inf, block[3:6, :])
+    order = np.lexsort((listed_index, -listed_sim), axis=1)
+    listed_sim, listed_index = (np.take_along_axis(x, order, axis=1) for x in (listed_sim, listed_index))
+    merged_sim, merged_index = jax.jit(retrieval._merge_block, static_argnums=(3, 4))(
+        listed_sim, listed_index.astype(np.int32), block if axis == 1 else block.T, ref_start, axis)
+    for q in range(num_queries):
+      finite = np.isfinite(block[q])
+      sims = np.concatenate([listed_sim[q], block[q][finite]])
+      indices = np.concatenate([listed_index[q], ref_start + np.arange(num_refs)[finite]])
+      expected = np.lexsort((indices, -sims))[:depth]
+      np.testing.assert_array_equal(merged_sim[q], sims[expected])
+      kept = np.isfinite(sims[expected])
+      np.testing.assert_array_equal(np.asarray(merged_index[q])[kept], indices[expected][kept])
+
+
+@pytest.mark.parametrize("num_items,block_size", [(203, 32), (64, 64), (20, 1024)])
+def test_symmetric_blocks_match_all_blocks(num_items, block_size):
+  """The self-query sweep (blocks on and above the diagonal, read both ways) against the sweep of all
+  blocks with each item a class of its own: the same lists and counts; odd sizes, ties across blocks."""
+  rng = np.random.default_rng(9)
+  items = rng.integers(-1, 2, (num_items, 3)).astype(np.float32)
+  ids = np.arange(num_items, dtype=np.int32)
+  first_hit = (items @ items[::-1].T).diagonal().copy(), ids[::-1].copy()
+  sweeps = [retrieval._nearest_lists(items, ids, items, ids, depth=7, block_size=block_size,
+                                     symmetric=symmetric, first_hit=first_hit)
+            for symmetric in (True, False)]
+  for symmetric, all_blocks in zip(*sweeps):
+    np.testing.assert_array_equal(np.asarray(symmetric)[:num_items], np.asarray(all_blocks)[:num_items])
+  sim = items @ items.T
+  for i in range(num_items):
+    order = brute_force_order(sim[i], np.delete(ids, i))
+    np.testing.assert_array_equal(np.asarray(sweeps[0][1])[i], order[:7])
+    ahead = order[:np.flatnonzero(order == first_hit[1][i])[0]] if i != first_hit[1][i] else None
+    if ahead is not None:
+      assert np.asarray(sweeps[0][2])[i] == len(ahead)
+
+
+def test_large_classes_across_class_blocks(monkeypatch):
+  """Classes larger than the blocks of the sweep for relevant refs, and a K that counts ranks."""
+  monkeypatch.setattr(retrieval, "_CLASS_BLOCK", 32)
+  rng = np.random.default_rng(10)
+  labels = rng.permutation(np.concatenate([np.repeat([4, 9, 2], [70, 45, 33]), np.arange(10, 40)]))
+  embeddings = tied_embeddings(rng, labels)
+  ks = (1, 5, 80)
+  expected = brute_force_metrics(embeddings, labels, embeddings, labels, ks, self_query=True)
+  assert_metrics_equal(retrieval_metrics(embeddings, labels, ks=ks, chunk_size=48), expected)
+  refs, ref_labels = embeddings[:100], labels[:100]
+  expected = brute_force_metrics(embeddings, labels, refs, ref_labels, ks, self_query=False)
+  assert_metrics_equal(retrieval_metrics(embeddings, labels, ref_embeddings=refs, ref_labels=ref_labels,
+                                         ks=ks, chunk_size=48), expected)
 
 
 def test_tie_rule_lower_reference_index_first():
@@ -158,11 +215,11 @@ import json, os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
 import jax
-from mmsi_jax.eval import nearest_neighbors, query_mesh, retrieval_metrics
+from mmsi_jax.eval import nearest_neighbors, eval_mesh, retrieval_metrics
 x = np.asarray(json.loads(sys.argv[1]), np.float32)
 labels = np.asarray(json.loads(sys.argv[2]))
 _, indices = nearest_neighbors(x, x, 5, query_ids=np.arange(len(x)), chunk_size=30)
-print(json.dumps({"devices": query_mesh().size, "neighbors": indices.tolist(),
+print(json.dumps({"devices": eval_mesh().size, "neighbors": indices.tolist(),
                   "metrics": retrieval_metrics(x, labels, ks=(1, 2, 8), chunk_size=30)}))
 """
 

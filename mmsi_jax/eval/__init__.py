@@ -2,7 +2,7 @@
 
 from mmsi_jax.eval import figures
 from mmsi_jax.eval.clustering import kmeans, nmi, normalized_mutual_information
-from mmsi_jax.eval.retrieval import nearest_neighbors, query_mesh, retrieval_metrics
+from mmsi_jax.eval.retrieval import eval_mesh, nearest_neighbors, retrieval_metrics
 
-__all__ = ["figures", "kmeans", "nearest_neighbors", "nmi", "normalized_mutual_information",
-           "query_mesh", "retrieval_metrics"]
+__all__ = ["eval_mesh", "figures", "kmeans", "nearest_neighbors", "nmi", "normalized_mutual_information",
+           "retrieval_metrics"]

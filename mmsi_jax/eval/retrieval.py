@@ -1,12 +1,16 @@
 """Exact retrieval by inner product: nearest neighbours and the metrics DML papers report.
 
 Queries are compared with references by inner product (cosine similarity for L2-normalised embeddings),
-computed in full float32 precision, one chunk of queries at a time: a call holds a [chunk, M] block of
-similarities, never N x M. With several devices, each chunk is split across them along the queries and
-the references are replicated, so every query's ranking is computed whole on one device.
+computed in full float32 precision, one [B, B] block of the similarity matrix at a time, never N x M.
+Every query keeps a running list of its nearest references, into which each block is merged. With no
+separate references the matrix is symmetric: only the blocks on and above the diagonal are computed, and
+each is read twice, along its rows (row items as queries, column items as references) and along its
+columns (the other way round), which halves the products. With several devices, the blocks are dealt
+out to them; each device keeps running lists of all queries, merged at the end.
 
 Ranking and ties: references are ordered by decreasing similarity, and references of equal similarity by
-increasing index in the reference set. Every metric follows this one order, on any number of devices.
+increasing index in the reference set. Every metric follows this one order, on any number of devices,
+whatever the block size and the order in which blocks are read.
 
 For a query whose class has R references (R excludes the query itself), with rel_i = 1 when the i-th
 nearest reference shares its label (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
@@ -16,82 +20,297 @@ nearest reference shares its label (Musgrave et al., "A Metric Learning Reality 
   r_precision  = (1/R) sum_{i<=R} rel_i
   map@r        = (1/R) sum_{i<=R} rel_i * (1/i) sum_{j<=i} rel_j
 
-R-precision and MAP@R come from the list of the max(R) nearest references of each query. Recall@K comes
-from the rank of the first relevant reference (how many references come before it): read from that list,
-made max(K) long when K is at most 64, or else counted over all references, so that a large K (1000 on
-SOP) costs one pass over the similarities rather than a top-1000. With no separate references, every
-embedding is a query against all the others (the self-match excluded). Queries whose class has no
-reference are left out and counted in `num_excluded_queries`.
+The relevant references come first, from a sweep of the few blocks that hold pairs of one class once the
+items are sorted by class. The full sweep then lists only the references of other classes: the max(R)
+nearest (max(K) when K is at most 64), and for a larger K (1000 on SOP) it also counts those that rank
+before the query's first relevant reference, which is known by then, rather than listing 1000. The
+ranking of a query is the merge of its two lists. Each similarity is computed once and used wherever it
+is needed. With no separate references, every embedding is a query against all the others (the
+self-match excluded). Queries whose class has no reference are left out and counted in
+`num_excluded_queries`.
 """
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-QUERY_AXIS = "queries"
+BLOCK_AXIS = "blocks"
 # Recall@K for K up to this is read from the list of nearest refs; a larger K counts ranks instead.
 _MAX_LISTED_K = 64
-# The top-k first keeps the k best groups of this many consecutive refs (by their best similarity).
-_GROUP_SIZE = 32
-# The query id of a query that is not in the references: beyond every index.
+# Refs are taken from a block group by group: groups of this many consecutive refs.
+_GROUP_SIZE = 16
+# Once at most this many queries of a block still take refs from it, they go on alone.
+_FEW_QUERIES = 64
+# The side of a block in the sweep for the relevant refs (pairs of one class lie near the diagonal).
+_CLASS_BLOCK = 256
+# The index of no ref (a query that is not in the refs; a list not full yet): beyond every index.
 _NOT_A_REF = np.iinfo(np.int32).max
+# The class of a query with no reference of its class, and of padding.
+_NO_CLASS = -1
 
 
-def query_mesh() -> Mesh:
-  """A 1-D mesh over this process's devices; chunks of queries are split along its axis `QUERY_AXIS`.
-  (In a multi-host run every process evaluates on its own devices.)"""
-  return Mesh(np.array(jax.local_devices()), (QUERY_AXIS,))
+def eval_mesh() -> Mesh:
+  """A 1-D mesh over this process's devices; the blocks of the similarity matrix are dealt out along
+  BLOCK_AXIS. (In a multi-host run every process evaluates on its own devices.)"""
+  return Mesh(np.array(jax.local_devices()), (BLOCK_AXIS,))
 
 
-def _similarities(queries, query_ids, refs, num_refs):
-  """Inner products [C, M'] of queries [C, D] with refs [M', D] (rows from `num_refs` on are padding);
-  -inf for padding and at each query's own index `query_ids` [C] (out of range: none)."""
-  sim = jnp.matmul(queries, refs.T, precision=jax.lax.Precision.HIGHEST)
-  sim = sim.at[:, num_refs:].set(-jnp.inf)
-  return sim.at[jnp.arange(sim.shape[0]), query_ids].set(-jnp.inf, mode="drop")
+def _better(sim_a, index_a, sim_b, index_b):
+  """Whether ref a ranks before ref b: higher similarity, or equal similarity and lower index."""
+  return (sim_a > sim_b) | ((sim_a == sim_b) & (index_a < index_b))
 
 
-def _top_k(sim, k):
-  """`jax.lax.top_k(sim, k)` of sim [C, M'] (M' a multiple of _GROUP_SIZE), same ties, fewer comparisons.
+def _nearest_first(sim, index, depth, *payload):
+  """The `depth` first entries of each row of sim [C, L] and index [C, L] (and payload [C, L] arrays
+  carried along) in ranking order."""
+  negated, index, *payload = jax.lax.sort((-sim, index, *payload), dimension=1, num_keys=2)
+  return (-negated[:, :depth], index[:, :depth], *(p[:, :depth] for p in payload))
 
-  The k best refs lie in the k best groups of consecutive refs, ranked by their maxima (equal maxima:
-  lower group first): each better group's maximum ranks before any ref of a worse group. The candidates
-  are those groups in index order, so that ties still go to the lower index.
+
+def _merge_block(listed_sim, listed_index, sim, ref_start, axis):
+  """The running lists listed_sim, listed_index [n, depth] (nearest first) of the n queries along the
+  other axis of block sim [B, B'] (its rows: axis=1, its columns: axis=0), merged with the block's
+  refs, indexed from ref_start on along `axis`.
+
+  Refs are taken from the block best first, as long as the next still ranks before the last of the list
+  (at most depth times; a few in most blocks): each from the group of consecutive refs whose best
+  remaining ref is best (equal: the lower group, so the lower index), and inserted in its place. A
+  group's best remaining ref is its best one that ranks after the last ref taken, so the block itself is
+  never written. Once few queries still take refs, they go on alone, on their rows of the block.
   """
-  num_groups = sim.shape[1] // _GROUP_SIZE
-  if 4 * k > num_groups:  # The candidates would be much of the row: no gain.
-    return jax.lax.top_k(sim, k)
-  group_max = jnp.max(sim.reshape(sim.shape[0], num_groups, _GROUP_SIZE), axis=2)
-  groups = jnp.sort(jax.lax.top_k(group_max, k)[1], axis=1)
-  candidates = (groups[:, :, None] * _GROUP_SIZE + jnp.arange(_GROUP_SIZE)).reshape(sim.shape[0], -1)
-  values, positions = jax.lax.top_k(jnp.take_along_axis(sim, candidates, axis=1), k)
-  return values, jnp.take_along_axis(candidates, positions, axis=1)
+  num_queries, depth = listed_sim.shape
+  num_groups = sim.shape[axis] // _GROUP_SIZE
+  if axis == 1:
+    group_max = jnp.max(sim.reshape(num_queries, num_groups, _GROUP_SIZE), axis=2)
+    values_at = lambda positions: jnp.take_along_axis(sim, positions, axis=1)
+  else:
+    group_max = jnp.max(sim.reshape(num_groups, _GROUP_SIZE, num_queries), axis=1).T
+    values_at = lambda positions: jnp.take_along_axis(sim, positions.T, axis=0).T
+  offsets = jnp.arange(_GROUP_SIZE)
+
+  def take(state, values_at):
+    """Each query takes its best remaining ref if it ranks before the last of its list."""
+    step, _, group_max, taken_sim, taken_index, listed_sim, listed_index = state
+    group = jnp.argmax(group_max, axis=1)
+    positions = group[:, None] * _GROUP_SIZE + offsets
+    values = values_at(positions)
+    values = jnp.where(_better(taken_sim[:, None], taken_index[:, None], values, ref_start + positions),
+                       values, -jnp.inf)
+    best = jnp.argmax(values, axis=1)
+    best_sim, best_index = jnp.max(values, axis=1), ref_start + group * _GROUP_SIZE + best
+    takes = (_better(best_sim, best_index, listed_sim[:, -1], listed_index[:, -1])
+             & (best_sim > -jnp.inf))
+    rest_max = jnp.max(jnp.where(offsets == best[:, None], -jnp.inf, values), axis=1)
+    group_max = jnp.where(takes[:, None] & (jnp.arange(group_max.shape[1]) == group[:, None]),
+                          rest_max[:, None], group_max)
+    place = jnp.sum(_better(listed_sim, listed_index, best_sim[:, None], best_index[:, None]), axis=1)
+    slot = jnp.arange(depth) - jnp.where(takes, place, depth)[:, None]
+
+    def insert(listed, entry):
+      shifted = jnp.concatenate([listed[:, :1], listed[:, :-1]], axis=1)
+      return jnp.where(slot < 0, listed, jnp.where(slot == 0, entry[:, None], shifted))
+
+    return (step + 1, takes, group_max, jnp.where(takes, best_sim, taken_sim),
+            jnp.where(takes, best_index, taken_index), insert(listed_sim, best_sim),
+            insert(listed_index, best_index))
+
+  def take_while(state, values_at, go_on):
+    return jax.lax.while_loop(lambda state: (state[0] < depth) & go_on(state[1]),
+                              lambda state: take(state, values_at), state)
+
+  state = (jnp.int32(0), jnp.max(group_max, axis=1) >= listed_sim[:, -1], group_max,
+           jnp.full_like(listed_sim[:, 0], jnp.inf), jnp.full_like(listed_index[:, 0], -1), listed_sim,
+           listed_index)
+  few = min(num_queries, _FEW_QUERIES)
+  step, takes, *per_query = take_while(state, values_at, lambda takes: jnp.sum(takes) > few)
+  queries = jnp.nonzero(takes, size=few, fill_value=num_queries)[0]
+  query_sim = jnp.take(sim, queries, axis=1 - axis, mode="clip")
+  query_sim = query_sim if axis == 1 else query_sim.T
+  few_state = take_while(
+      (step, jnp.take(takes, queries, mode="fill", fill_value=False),
+       *(jnp.take(x, queries, axis=0, mode="clip") for x in per_query)),
+      lambda positions: jnp.take_along_axis(query_sim, positions, axis=1), jnp.any)
+  return tuple(x.at[queries].set(y, mode="drop") for x, y in zip(per_query[-2:], few_state[-2:]))
 
 
-@functools.partial(jax.jit, static_argnames=("num_refs", "k"))
-def _nearest_chunk(queries, query_ids, refs, *, num_refs, k):
-  """Similarities [C, k] and indices [C, k] of the k nearest refs of each query, nearest first."""
-  return _top_k(_similarities(queries, query_ids, refs, num_refs), k)
+def _read_block(lists, sim, query_start, ref_start, axis, first_hit):
+  """Merges block sim [B, B'] into the lists of its queries: its rows (axis=1) or columns (axis=0),
+  which are the queries from query_start on, against the refs from ref_start on.
+
+  Args:
+    lists: (listed_sim [Q', depth], listed_index [Q', depth], ahead [Q'] or None), the running lists of
+      all queries and, when counting, how many refs so far rank before each one's first relevant ref.
+    first_hit: (similarity [Q'], index [Q']) of each query's first relevant ref; None: no counting.
+  """
+  listed_sim, listed_index, ahead = lists
+  num_queries = sim.shape[1 - axis]
+
+  def rows(x):
+    return jax.lax.dynamic_slice_in_dim(x, query_start, num_queries)
+
+  def write(x, value):
+    return jax.lax.dynamic_update_slice_in_dim(x, value, query_start, 0)
+
+  merged_sim, merged_index = _merge_block(rows(listed_sim), rows(listed_index), sim, ref_start, axis)
+  if first_hit is not None:
+    first_sim, first_index = (jnp.expand_dims(rows(x), axis) for x in first_hit)
+    ref_index = jnp.expand_dims(ref_start + jnp.arange(sim.shape[axis]), 1 - axis)
+    ahead = write(ahead, rows(ahead) + jnp.sum(_better(sim, ref_index, first_sim, first_index),
+                                               axis=axis, dtype=jnp.int32))
+  return write(listed_sim, merged_sim), write(listed_index, merged_index), ahead
 
 
-def _count_ahead(sim, ref_index, first_hit_sim, first_hit):
-  """How many refs of sim [C, B] (indices ref_index [B]) rank before each query's first relevant ref,
-  whose similarity and index are first_hit_sim [C] and first_hit [C]: [C] int32."""
-  ahead = ((sim > first_hit_sim[:, None])
-           | ((sim == first_hit_sim[:, None]) & (ref_index[None, :] < first_hit[:, None])))
-  return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+def _read_blocks(pairs, lists, queries, query_classes, refs, ref_classes, first_hit, *, query_block,
+                 ref_block, num_refs, symmetric, same_class):
+  """Reads the blocks `pairs` [T, 2] (block row, block column; -1: none) into `lists` (see
+  `_read_block`), keeping the refs of another class than the query's or, with same_class, of its own.
+
+  Args:
+    queries: [Q', D], query_classes: [Q']; refs: [M', D], ref_classes: [M']: padded to multiples of the
+      block sizes. Refs are indexed by their position.
+    num_refs: refs from this position on are padding.
+    symmetric: queries and refs are the same items: the blocks lie on or above the diagonal and are read
+      along their columns too, and only the entries above the diagonal are kept.
+  """
+
+  def read(t, lists):
+    block_row, block_col = pairs[t, 0], pairs[t, 1]
+    query_start = jnp.maximum(block_row, 0) * query_block
+    ref_start = jnp.maximum(block_col, 0) * ref_block
+    sim = jnp.matmul(jax.lax.dynamic_slice_in_dim(queries, query_start, query_block),
+                     jax.lax.dynamic_slice_in_dim(refs, ref_start, ref_block).T,
+                     precision=jax.lax.Precision.HIGHEST)
+    same = (jax.lax.dynamic_slice_in_dim(query_classes, query_start, query_block)[:, None]
+            == jax.lax.dynamic_slice_in_dim(ref_classes, ref_start, ref_block)[None, :])
+    ref_position = ref_start + jnp.arange(ref_block)
+    kept = (same if same_class else ~same) & (ref_position < num_refs) & (block_row >= 0)
+    if symmetric:
+      kept &= ref_position > (query_start + jnp.arange(query_block))[:, None]
+    sim = jnp.where(kept, sim, -jnp.inf)
+    lists = _read_block(lists, sim, query_start, ref_start, 1, first_hit)
+    if symmetric:
+      lists = _read_block(lists, sim, ref_start, query_start, 0, first_hit)
+    return lists
+
+  return jax.lax.fori_loop(0, pairs.shape[0], read, lists)
 
 
-def _first_relevant(sim, ref_index, relevant):
-  """Similarity [C] and index [C] of each query's nearest relevant ref in sim [C, B] (ties: lowest
-  index; -inf when there is none), relevant [C, B] bool, ref_index [B]."""
-  relevant_sim = jnp.where(relevant, sim, -jnp.inf)
-  position = jnp.argmax(relevant_sim, axis=1)
-  return jnp.take_along_axis(relevant_sim, position[:, None], axis=1)[:, 0], ref_index[position]
+@functools.partial(jax.jit, static_argnames=("query_block", "ref_block", "num_refs", "symmetric",
+                                             "same_class"), donate_argnames=("lists",))
+def _sweep(pairs, lists, queries, query_classes, refs, ref_classes, first_hit, *, query_block,
+           ref_block, num_refs, symmetric, same_class):
+  """`_read_blocks` on every device, each with its own pairs [devices, T, 2] and its own lists
+  [devices, Q', ...]; the other arrays are replicated. Returns the lists merged over the devices:
+  similarities and indices [Q', depth], and the counts [Q'] (or None)."""
+
+  def per_device(pairs, lists, *replicated):
+    lists = _read_blocks(pairs[0], jax.tree.map(lambda x: x[0], lists), *replicated,
+                         query_block=query_block, ref_block=ref_block, num_refs=num_refs,
+                         symmetric=symmetric, same_class=same_class)
+    return jax.tree.map(lambda x: x[None], lists)
+
+  dealt, replicated = PartitionSpec(BLOCK_AXIS), PartitionSpec()
+  listed_sim, listed_index, ahead = jax.shard_map(
+      per_device, mesh=eval_mesh(), in_specs=(dealt, dealt) + (replicated,) * 5, out_specs=dealt)(
+          pairs, lists, queries, query_classes, refs, ref_classes, first_hit)
+  if len(listed_sim) > 1:
+    listed_sim, listed_index = _nearest_first(
+        *(jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1) for x in (listed_sim, listed_index)),
+        listed_sim.shape[2])
+  else:
+    listed_sim, listed_index = listed_sim[0], listed_index[0]
+  return listed_sim, listed_index, None if ahead is None else jnp.sum(ahead, axis=0)
+
+
+def _padded(x: np.ndarray, multiple: int, value=0) -> np.ndarray:
+  """x [N, ...] padded with `value` to a multiple of `multiple` rows."""
+  return np.pad(x, [(0, -len(x) % multiple)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
+
+
+def _block_size(chunk_size: int, num: int) -> int:
+  """The side of a block: chunk_size, or less for a small set; a multiple of _GROUP_SIZE."""
+  return -(-min(chunk_size, num) // _GROUP_SIZE) * _GROUP_SIZE
+
+
+def _class_ranges(classes: np.ndarray, block: int) -> np.ndarray:
+  """[blocks, 2] the lowest and highest class in each block of sorted classes (_NO_CLASS left out; a
+  block without a class: an empty range)."""
+  blocks = _padded(classes, block, _NO_CLASS).reshape(-1, block)
+  present = blocks != _NO_CLASS
+  return np.stack([np.where(present, blocks, np.iinfo(np.int32).max).min(axis=1),
+                   np.where(present, blocks, -1).max(axis=1)], axis=1)
+
+
+def _nearest_lists(queries, query_classes, refs, ref_classes, *, depth, block_size, symmetric,
+                   same_class=False, first_hit=None):
+  """The `depth` nearest refs of each query among those of another class (same_class: of its own class,
+  other than itself): similarities [Q', depth] and indices [Q', depth], nearest first (-inf past the
+  last), and with first_hit (similarity [Q], index [Q] of each query's first relevant ref), how many
+  refs of another class rank before it [Q'] (else None). Q' >= Q rows: padding past Q.
+
+  Args:
+    queries: [Q, D], query_classes: [Q] int; refs: [M, D], ref_classes: [M] int (ignored if symmetric).
+    block_size: the side of the blocks.
+    symmetric: the queries are also the refs; each query's own entry is left out.
+    same_class: queries and refs are sorted by class, and only the blocks whose class ranges meet are
+      read.
+  """
+  num_queries, num_refs = len(queries), len(refs)
+  query_block = _block_size(block_size, num_queries)
+  ref_block = query_block if symmetric else _block_size(block_size, num_refs)
+  num_ref_blocks = -(-num_refs // ref_block)
+  pairs = [(i, j) for i in range(-(-num_queries // query_block))
+           for j in range(i if symmetric else 0, num_ref_blocks)]
+  if same_class:
+    query_ranges = _class_ranges(query_classes, query_block)
+    ref_ranges = _class_ranges(ref_classes, ref_block)
+    pairs = [(i, j) for i, j in pairs
+             if query_ranges[i, 0] <= ref_ranges[j, 1] and ref_ranges[j, 0] <= query_ranges[i, 1]]
+  num_devices = eval_mesh().size
+  pairs = np.array(pairs + [(-1, -1)] * (-len(pairs) % num_devices), np.int32).reshape(-1, 2)
+  pairs = pairs.reshape(-1, num_devices, 2).transpose(1, 0, 2)  # Dealt out in turn.
+
+  queries, query_classes = _padded(queries, query_block), _padded(query_classes, query_block, _NO_CLASS)
+  if symmetric:
+    refs, ref_classes = queries, query_classes
+  else:
+    refs, ref_classes = _padded(refs, ref_block), _padded(ref_classes, ref_block, _NO_CLASS)
+  if first_hit is not None:
+    first_hit = tuple(_padded(np.asarray(x), query_block) for x in first_hit)
+  shape = (num_devices, len(queries))
+  lists = (np.full(shape + (depth,), -np.inf, np.float32), np.full(shape + (depth,), _NOT_A_REF, np.int32),
+           None if first_hit is None else np.zeros(shape, np.int32))
+  dealt = NamedSharding(eval_mesh(), PartitionSpec(BLOCK_AXIS))
+  replicated = jax.device_put(
+      (queries, query_classes.astype(np.int32), refs, ref_classes.astype(np.int32), first_hit),
+      NamedSharding(eval_mesh(), PartitionSpec()))
+  return _sweep(jax.device_put(pairs, dealt), jax.device_put(lists, dealt), *replicated,
+                query_block=query_block, ref_block=ref_block, num_refs=num_refs, symmetric=symmetric,
+                same_class=same_class)
+
+
+def _relevant_lists(queries, query_classes, refs, ref_classes, *, depth, symmetric):
+  """The `depth` nearest relevant refs of each query (of its class, other than itself): similarities
+  [Q, depth] (-inf past R) and indices [Q, depth] (_NOT_A_REF past R), nearest first.
+
+  Queries and refs are sorted by class, stably, so that the refs of one class keep their order and ties
+  still go to the lower index.
+  """
+  query_order = np.argsort(query_classes, kind="stable")
+  ref_order = query_order if symmetric else np.argsort(ref_classes, kind="stable")
+  listed_sim, listed_index, _ = jax.device_get(_nearest_lists(
+      queries[query_order], query_classes[query_order], refs[ref_order], ref_classes[ref_order],
+      depth=depth, block_size=_CLASS_BLOCK, symmetric=symmetric, same_class=True))
+  listed_sim, listed_index = listed_sim[:len(queries)], listed_index[:len(queries)]
+  relevant_sim, relevant_index = np.empty_like(listed_sim), np.empty_like(listed_index)
+  relevant_sim[query_order] = listed_sim
+  relevant_index[query_order] = np.where(
+      np.isfinite(listed_sim), ref_order[np.minimum(listed_index, len(refs) - 1)], _NOT_A_REF)
+  return relevant_sim, relevant_index
 
 
 def _list_statistics(listed_hits, num_relevant, first_hit_rank=None):
@@ -108,54 +327,16 @@ def _list_statistics(listed_hits, num_relevant, first_hit_rank=None):
   return first_hit_rank.astype(jnp.int32), r_precision, ap_at_r
 
 
-@functools.partial(jax.jit, static_argnames=("num_refs", "depth", "count_ranks"))
-def _ranking_chunk(queries, query_ids, query_classes, num_relevant, refs, ref_classes, *, num_refs,
-                   depth, count_ranks):
-  """Per query of a chunk: the rank of its first relevant ref, its R-precision and its AP@R.
-
-  Args:
-    queries: [C, D]; query_ids: [C] the query's own index in refs (_NOT_A_REF: none);
-    query_classes: [C] int32; num_relevant: [C] R, at most `depth`;
-    refs: [M', D] and ref_classes: [M'] int32, padded from `num_refs` on.
-    depth: how many nearest refs are listed per query, at least max(R).
-    count_ranks: count the refs ranked before the first relevant one over all refs (one more pass over
-      the [C, M'] similarities); otherwise the rank is read from the list and is `depth` when the list
-      holds no relevant ref, enough for every K <= depth.
-
-  Returns:
-    first_hit_rank [C] int32 (refs ranked before the first relevant one), r_precision [C], ap_at_r [C].
-  """
-  sim = _similarities(queries, query_ids, refs, num_refs)
-  _, nearest = _top_k(sim, depth)
-  listed_hits = (ref_classes[nearest] == query_classes[:, None]) & (nearest != query_ids[:, None])
-  first_hit_rank = None
-  if count_ranks:
-    ref_index = jnp.arange(refs.shape[0])
-    relevant = (ref_classes[None, :] == query_classes[:, None]) & (ref_index != query_ids[:, None])
-    first_hit_rank = _count_ahead(sim, ref_index, *_first_relevant(sim, ref_index, relevant))
+@functools.partial(jax.jit, static_argnames=("depth",))
+def _ranking_statistics(relevant_sim, relevant_index, listed_sim, listed_index, num_relevant,
+                        first_hit_rank, *, depth):
+  """First-hit rank, R-precision and AP@R [Q] of queries with relevant refs [Q, R'] and nearest other
+  refs [Q, depth] (and the first-hit rank [Q] when counted, else None): the two lists merged."""
+  _, _, listed_hits = _nearest_first(
+      jnp.concatenate([relevant_sim, listed_sim], axis=1),
+      jnp.concatenate([relevant_index, listed_index], axis=1), depth,
+      jnp.concatenate([jnp.isfinite(relevant_sim), jnp.zeros(listed_sim.shape, bool)], axis=1))
   return _list_statistics(listed_hits, num_relevant, first_hit_rank)
-
-
-def _map_query_chunks(chunk_fn: Callable, query_arrays: Sequence[np.ndarray],
-                      chunk_size: int) -> list[np.ndarray]:
-  """Applies `chunk_fn(*chunks) -> tuple of [C, ...]` to fixed-size chunks of the [N, ...] query arrays,
-  each chunk split across the devices, and concatenates the outputs ([N, ...] each)."""
-  mesh = query_mesh()
-  sharding = NamedSharding(mesh, PartitionSpec(QUERY_AXIS))
-  num = len(query_arrays[0])
-  chunk = -(-min(chunk_size, num) // mesh.size) * mesh.size
-  outputs = []
-  for start in range(0, num, chunk):
-    parts = [a[start:start + chunk] for a in query_arrays]
-    parts = [np.pad(p, [(0, chunk - len(p))] + [(0, 0)] * (p.ndim - 1)) for p in parts]
-    outputs.append(chunk_fn(*jax.device_put(parts, sharding)))
-  return [np.concatenate(o)[:num] for o in zip(*jax.device_get(outputs))]
-
-
-def _replicated_padded(x: np.ndarray) -> jax.Array:
-  """x [M, ...] padded with zeros to a multiple of _GROUP_SIZE rows, on every device."""
-  x = np.pad(x, [(0, -len(x) % _GROUP_SIZE)] + [(0, 0)] * (x.ndim - 1))
-  return jax.device_put(x, NamedSharding(query_mesh(), PartitionSpec()))
 
 
 def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
@@ -167,7 +348,7 @@ def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
     k: neighbours per query, at most M (M - 1 with query_ids).
     query_ids: [Q] index in refs of each query itself, never returned as its neighbour; None: no query
       is in refs.
-    chunk_size: queries per device call (rounded up to a multiple of the device count).
+    chunk_size: the side of a block of similarities.
 
   Returns:
     similarities [Q, k] float32 and indices [Q, k] int32.
@@ -177,23 +358,27 @@ def nearest_neighbors(queries, refs, k: int, *, query_ids=None,
   ids = np.full(len(queries), _NOT_A_REF) if query_ids is None else np.asarray(query_ids)
   if not 0 < k <= len(refs) - int(query_ids is not None):
     raise ValueError(f"k={k} must be in [1, number of candidate references].")
-  chunk_fn = functools.partial(_nearest_chunk, refs=_replicated_padded(refs), num_refs=len(refs), k=k)
-  similarities, indices = _map_query_chunks(chunk_fn, (queries, ids.astype(np.int32)), chunk_size)
-  return similarities, indices
+  # Each ref is a class of its own and each query is of the class of its own index: only the
+  # self-match is left out.
+  similarities, indices, _ = jax.device_get(_nearest_lists(
+      queries, ids.astype(np.int32), refs, np.arange(len(refs), dtype=np.int32), depth=k,
+      block_size=chunk_size, symmetric=False))
+  return similarities[:len(queries)], indices[:len(queries)]
 
 
 def retrieval_metrics(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
                       ks: Sequence[int] = (1, 2, 4, 8), chunk_size: int = 1024) -> dict:
   """Recall@K, Precision@1, R-Precision and MAP@R (Musgrave et al. 2020) of the queries `embeddings`.
 
-  Exact, by inner product, with the tie rule of the module docstring. Device memory is O(chunk_size x M).
+  Exact, by inner product, with the tie rule of the module docstring. Memory: a few [chunk_size,
+  chunk_size] blocks, and per device the running lists, O(N x max(R, K)).
 
   Args:
     embeddings: [N, D] query embeddings; labels: [N] int labels.
     ref_embeddings, ref_labels: [M, D], [M] the gallery; None: the queries against themselves
       (M = N, the self-match excluded).
     ks: the K of Recall@K, positive.
-    chunk_size: queries per device call (rounded up to a multiple of the device count).
+    chunk_size: the side of a block of similarities.
 
   Returns:
     A dict of floats `recall@K` for each K, `precision@1`, `r_precision`, `map@r`, and ints
@@ -219,23 +404,27 @@ def retrieval_metrics(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
   classes, ref_classes, class_sizes = np.unique(ref_labels, return_inverse=True, return_counts=True)
   position = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
   has_class = classes[position] == query_labels
-  query_classes = np.where(has_class, position, -1).astype(np.int32)
+  query_classes = np.where(has_class, position, _NO_CLASS).astype(np.int32)
   num_relevant = (np.where(has_class, class_sizes[position], 0) - int(self_query)).astype(np.int32)
   scored = num_relevant > 0
   if not scored.any():
     raise ValueError("No query has a reference of its own class: retrieval metrics are undefined.")
 
-  depth = int(num_relevant.max())
-  count_ranks = max(ks) > max(depth, _MAX_LISTED_K)
-  depth = depth if count_ranks else min(max(depth, max(ks)), len(refs) - int(self_query))
-  query_ids = np.arange(len(queries)) if self_query else np.full(len(queries), _NOT_A_REF)
-  chunk_fn = functools.partial(
-      _ranking_chunk, refs=_replicated_padded(refs),
-      ref_classes=_replicated_padded(ref_classes.astype(np.int32)), num_refs=len(refs), depth=depth,
-      count_ranks=count_ranks)
-  first_hit_rank, r_precision, ap_at_r = _map_query_chunks(
-      chunk_fn, (queries, query_ids.astype(np.int32), query_classes, num_relevant), chunk_size)
-  first_hit_rank, r_precision, ap_at_r = first_hit_rank[scored], r_precision[scored], ap_at_r[scored]
+  max_relevant = int(num_relevant.max())
+  count_ranks = max(ks) > max(max_relevant, _MAX_LISTED_K)
+  depth = (max_relevant if count_ranks
+           else min(max(max_relevant, max(ks)), len(refs) - int(self_query)))
+  relevant_sim, relevant_index = _relevant_lists(queries, query_classes, refs, ref_classes,
+                                                 depth=max_relevant, symmetric=self_query)
+  first_hit = (relevant_sim[:, 0], relevant_index[:, 0]) if count_ranks else None
+  listed_sim, listed_index, first_hit_rank = _nearest_lists(
+      queries, query_classes, refs, ref_classes, depth=depth, block_size=chunk_size,
+      symmetric=self_query, first_hit=first_hit)
+  rows = len(listed_sim)
+  statistics = _ranking_statistics(
+      _padded(relevant_sim, rows, -np.inf), _padded(relevant_index, rows, _NOT_A_REF), listed_sim,
+      listed_index, _padded(num_relevant, rows), first_hit_rank, depth=depth)
+  first_hit_rank, r_precision, ap_at_r = (np.asarray(x)[:len(queries)][scored] for x in statistics)
 
   metrics = {f"recall@{k}": float(np.mean(first_hit_rank < k)) for k in ks}
   metrics["precision@1"] = float(np.mean(first_hit_rank == 0))
