@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.models import torch_weights
+from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, global_pool
 
 # name, 1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool ("avg"/"max"), pool projection,
@@ -114,7 +115,7 @@ class BNInceptionBackbone(nn.Module):
       return torch_weights.initializer(weights, module, leaf, self.pretrained)
 
     def conv_bn(x, name, features, kernel, stride=1):
-      x = nn.Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
+      x = Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
                   kernel_init=init(name, "kernel", nn.initializers.lecun_normal()),
                   bias_init=init(name, "bias", nn.initializers.zeros), name=name)(x)
       bn_init = None if weights is None else lambda leaf: init(f"{name}_bn", leaf, None)
