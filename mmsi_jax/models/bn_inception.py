@@ -6,7 +6,7 @@ of the DML papers MMSI compares with: the Caffe model as ported to PyTorch by `p
 
 Every convolution has a bias and is followed by BatchNorm (eps 1e-5) and ReLU; pooling in the trunk uses
 ceil mode (torch's `ceil_mode=True`), average pooling counts the padding. Parameters: 10,270,240 in the
-trunk (convolutions and BatchNorm scale/offset; plus 1000 x 1025 in the ImageNet classifier, not used here).
+trunk (convolutions and BatchNorm scale/offset), plus 1000 x 1025 in the ImageNet classifier (unused).
 """
 
 import os

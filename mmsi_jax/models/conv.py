@@ -8,7 +8,7 @@ convolutions are patches (im2col: kh * kw shifted, strided slices of the padded 
 times the kernel reshaped to [kh * kw * C_in, C_out]: the same sums (up to float rounding), and their
 derivatives are slices, pads and matrix products, which run at full speed.
 
-Use as `nn.Conv(..., conv_general_dilated=conv_general_dilated)` (or `Conv`); the parameters are nn.Conv's.
+Use as `nn.Conv(..., conv_general_dilated=conv_general_dilated)`, or `Conv`: nn.Conv's parameters.
 """
 
 import functools
