@@ -6,12 +6,12 @@ other data. With W = dL/dS the batch's pair weights and J = dS/dtheta,
     theta'(m) = theta - alpha * grad_theta L_m(theta) = theta - alpha * J^T (m * W)      (virtual step)
     L_meta(m) = L(S(theta'(m); validation batch, memory dictionary))                    (meta loss)
 
-and d L_meta / dm (or / dphi, through m = phi(pair features)) is a gradient through a gradient, taken in
-closed form: dL_meta/dm = -alpha * W * (J grad L_val(theta')) (`MMSI.meta_loss_and_grad`). The inner
-gradient J^T is the VJP of S(theta) that the train step computes anyway and J is its transpose, so the
-meta step costs one more backward pass (none at l2rw's m = 0, where theta' = theta), the validation
-batch's forward and backward at theta', and one transposed (tangent) pass; the real update reuses the
-same VJP with the chosen m.
+and d L_meta / dm (or / dphi, through m = phi(pair features)) is a gradient through a gradient:
+dL_meta/dm = -alpha * W * (J grad L_val(theta')). The inner gradient J^T is the VJP of S(theta) that the
+train step computes anyway, so the meta step costs one more backward pass (the virtual step; none at
+l2rw's m = 0, where theta' = theta: `MMSI.meta_grad_at_zero`), the validation batch's forward and
+backward at theta', and one tangent pass (J, the VJP transposed); the real update reuses the same VJP
+with the chosen m.
 
 Modes:
   weighting_net  m = phi(S_ij, W_ij, positive or negative, rank of the pair within its anchor) in (0, 1),
@@ -187,7 +187,8 @@ class MMSI:
   def meta_loss_fn(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
     """m [B, M] -> L_meta(theta'(m)): the validation batch against the dictionary after a virtual step.
 
-    Its autodiff gradient is the reference for the closed form of `meta_loss_and_grad` (tests).
+    Differentiated by autodiff (a gradient through the virtual step's gradient: its backward pass
+    transposed, i.e. one tangent pass), except at l2rw's m = 0 (`meta_grad_at_zero`).
     """
     theta, grad_of, embed_validation = self._scoped_problem(inputs)
     alpha = self._alpha(inputs)
@@ -198,38 +199,22 @@ class MMSI:
       return validation_loss(jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(cotangent)))
     return meta_loss
 
-  def meta_loss_and_grad(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
-    """m [B, M], or None for m = 0 -> (L_meta(theta'(m)), dL_meta/dm [B, M]), in closed form.
+  def meta_grad_at_zero(self, memory: memory_lib.Memory, inputs: StepInputs):
+    """(L_meta, dL_meta/dm [B, M]) at m = 0 (l2rw), in closed form.
 
     With theta'(m) = theta - alpha J^T (m * W) (section 4, step 3) the chain rule gives
 
         dL_meta/dm = -alpha * W * (J g'),   g' = grad L_val(theta'),
 
-    J g' being the transpose of the linear map J^T (`jax.linear_transpose` of the train step's VJP):
-    the same convolutions as differentiating `meta_loss_fn`, but at m = 0 (l2rw) theta' = theta is
-    used as is, where autodiff would run the virtual step's backward pass on a zero cotangent (XLA
-    does not fold it away).
+    and at m = 0, theta' = theta. J g' is the transpose of the linear map J^T (`jax.linear_transpose`
+    of the train step's VJP): the convolutions of differentiating `meta_loss_fn`, without its virtual
+    step, a backward pass on a zero cotangent that XLA does not fold away.
     """
     theta, grad_of, embed_validation = self._scoped_problem(inputs)
-    alpha = self._alpha(inputs)
-    validation_loss = self._validation_loss(memory, inputs, embed_validation)
     weights = jax.lax.stop_gradient(inputs.weights)
-    jacobian_product = jax.linear_transpose(grad_of, weights)  # g -> (J g,)
-
-    def loss_and_grad(multipliers):
-      virtual = theta
-      if multipliers is not None:
-        virtual = jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(multipliers * weights))
-      loss, val_grad = jax.value_and_grad(validation_loss)(virtual)
-      return loss, -alpha * weights * jacobian_product(val_grad)[0]
-    return loss_and_grad
-
-  def net_meta_loss_and_grad(self, net_params, meta_loss_and_grad: Callable, inputs: StepInputs):
-    """(L_meta, dL_meta/dphi) at m = phi(pair features): dL_meta/dm pulled back through m(phi)."""
-    multipliers, multipliers_vjp = jax.vjp(
-        lambda net: self.net_multipliers(net, inputs.pairs, inputs.weights), net_params)
-    loss, meta_grad = meta_loss_and_grad(multipliers)
-    return loss, multipliers_vjp(meta_grad)[0]
+    loss, val_grad = jax.value_and_grad(self._validation_loss(memory, inputs, embed_validation))(theta)
+    (jacobian_product,) = jax.linear_transpose(grad_of, weights)(val_grad)  # J g'
+    return loss, -self._alpha(inputs) * weights * jacobian_product
 
   def net_multipliers(self, net_params, pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
     """m = phi(pair features) [B, M], rescaled so that sum m|W| = sum |W| over the positives and over
@@ -244,16 +229,17 @@ class MMSI:
     return m * scale
 
   def _meta_step(self, state: MMSIState, inputs: StepInputs):
-    meta_loss_and_grad = self.meta_loss_and_grad(state.memory, inputs)
     if self.config.mode == "l2rw":
-      loss, meta_grad = meta_loss_and_grad(None)  # At m = 0.
+      loss, meta_grad = self.meta_grad_at_zero(state.memory, inputs)
       raw = jax.nn.relu(-meta_grad)
       largest = jnp.max(raw)
       fallback = largest <= 0
       multipliers = jnp.where(fallback, 1.0, raw / jnp.where(fallback, 1.0, largest))
       return multipliers, state.replace(fallbacks=state.fallbacks + fallback), loss, fallback
 
-    loss, net_grad = self.net_meta_loss_and_grad(state.net_params, meta_loss_and_grad, inputs)
+    meta_loss = self.meta_loss_fn(state.memory, inputs)
+    loss, net_grad = jax.value_and_grad(lambda net: meta_loss(
+        self.net_multipliers(net, inputs.pairs, inputs.weights)))(state.net_params)
     updates, net_opt_state = self.net_tx.update(net_grad, state.net_opt_state, state.net_params)
     net_params = optax.apply_updates(state.net_params, updates)
     multipliers = self.net_multipliers(net_params, inputs.pairs, inputs.weights)
