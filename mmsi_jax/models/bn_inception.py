@@ -6,7 +6,7 @@ of the DML papers MMSI compares with: the Caffe model as ported to PyTorch by `p
 
 Every convolution has a bias and is followed by BatchNorm (eps 1e-5) and ReLU; pooling in the trunk uses
 ceil mode (torch's `ceil_mode=True`), average pooling counts the padding. Parameters: 10,270,240 in the
-trunk (convolutions and BatchNorm scale/offset; plus 1000 x 1025 in the ImageNet classifier, not used here).
+trunk (convolutions and BatchNorm scale/offset), plus 1000 x 1025 in the ImageNet classifier (unused).
 """
 
 import os
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.models import torch_weights
+from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, global_pool
 
 # name, 1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool ("avg"/"max"), pool projection,
@@ -114,7 +115,7 @@ class BNInceptionBackbone(nn.Module):
       return torch_weights.initializer(weights, module, leaf, self.pretrained)
 
     def conv_bn(x, name, features, kernel, stride=1):
-      x = nn.Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
+      x = Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
                   kernel_init=init(name, "kernel", nn.initializers.lecun_normal()),
                   bias_init=init(name, "bias", nn.initializers.zeros), name=name)(x)
       bn_init = None if weights is None else lambda leaf: init(f"{name}_bn", leaf, None)
