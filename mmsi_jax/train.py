@@ -301,6 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
+  # Built first: a missing weights file (model.pretrained) stops the run before any data work.
+  model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
   data = config.data
   if primary:
     pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
@@ -317,8 +319,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       seed=config.seed, held_out_fraction=held_out)
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
 
-  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  model = models.get(config.model.name, **model_kwargs)
   num_steps = config.train.num_steps
   schedule = create_schedule(config.optim, num_steps)
   tx = create_optimizer(config.optim, schedule)
