@@ -4,6 +4,11 @@ BN-Inception (ImageNet weights), global max pooling, linear -> 512, L2 norm, fro
 crop 227 (scale 0.16 to 1) and flips for training, resize 256 and centre crop 227 for testing; BGR 0-255
 with the Caffe mean; batches of 16 classes x 5 images; Adam with weight decay 5e-4.
 
+The ImageNet weights are read from model.pretrained (PRETRAINED below): the `pretrainedmodels` file
+bn_inception-52deb4733.pth as published, or that state dict saved as .npz (mmsi_jax/models/
+torch_weights.py). Without the file the run stops and says so; `--config.model.pretrained=''` trains
+from random initialisation instead.
+
 Variants (`--config=configs/cub200.py:VARIANT`):
   ms           multi-similarity: alpha 2, beta 50, lambda 0.5, epsilon from the MMSI code (0.05; 0.03 on
                SOP); lr 1e-5 from ImageNet (the MMSI code instead fine-tunes an MS checkpoint at 1e-7).
@@ -20,6 +25,7 @@ import ml_collections
 from configs import default
 
 VARIANTS = ("ms", "contrastive", "mmsi_ms", "mmsi_contrastive")
+PRETRAINED = "data/pretrained/bn_inception-52deb4733.pth"
 
 
 def official_setup(dataset: str, variant: str, *, num_steps: int, eval_every: int, ks: tuple,
@@ -46,9 +52,10 @@ def official_setup(dataset: str, variant: str, *, num_steps: int, eval_every: in
   data.prefetch = 16
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "bn_inception"  # BN-Inception with ImageNet weights.
+  config.model.name = "bn_inception"  # BN-Inception (models/bn_inception.py).
+  config.model.pretrained = PRETRAINED  # Its ImageNet weights (.pth or .npz); "": random init.
   config.model.embed_dim = 512  # Linear 1024 -> 512, then L2 normalisation.
-  config.model.pooling = pooling  # Global pooling: "max", or "max_avg" (max + average, on SOP).
+  config.model.pooling = pooling  # Global pooling: "max", or "max_plus_avg" (max + average; SOP).
   config.model.frozen_bn = True  # BatchNorm statistics and affine parameters stay at ImageNet's.
 
   config.loss = ml_collections.ConfigDict()

@@ -3,14 +3,42 @@ host. The TrainState is replicated; each training batch is split along its first
 contributing the rows it prepared (data.pipeline.train_batches with its host_index). XLA inserts the
 collectives: the similarity matrix of a sharded batch against itself gathers the embeddings, and the
 gradient is reduced over the devices. Validation batches (MMSI) are the same on every host: replicated.
+
+On several hosts (a TPU pod, GPU nodes), one process runs per host, each joined with `initialize`;
+process 0 alone writes metrics, events and figures, and every process takes part in checkpoints.
 """
 
+from typing import Optional
+
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 REPLICATED_KEYS = ("val_images", "val_labels")
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Joins this process to a multi-process run (`jax.distributed.initialize`).
+
+  On Cloud TPU pods and under SLURM the arguments are detected and may be left out; elsewhere pass
+  process 0's "host:port", the number of processes and this one's id (0 .. num_processes - 1).
+  CPU processes exchange their collectives through gloo.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes reports."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process has reached the point called `name` (nothing to wait for alone)."""
+  multihost_utils.sync_global_devices(name)
 
 
 def data_mesh() -> Mesh:

@@ -49,6 +49,16 @@ class MetricsWriter:
     self._tensorboard.close()
 
 
+class NullWriter:
+  """The MetricsWriter of a process that does not report (every process of a multi-host run but 0)."""
+
+  def write(self, step: int, metrics: dict) -> None:
+    del step, metrics
+
+  def close(self) -> None:
+    pass
+
+
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)

@@ -269,7 +269,7 @@ def figures_path_prefix(workdir: str, name: str) -> str:
 
 
 def _ensure_writable(workdir: str) -> None:
-  probe = os.path.join(workdir, ".write_probe")
+  probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, "w") as f:
@@ -290,15 +290,25 @@ def _first_non_finite(losses_by_step: list[tuple[int, Any]]) -> Optional[int]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluating every `train.eval_every` steps and at the end; resumes from <workdir>.
 
-  Returns the final evaluation metrics and the raw-pixel baseline, keyed as in metrics.jsonl.
+  Returns the final evaluation metrics and the raw-pixel baseline, keyed as in metrics.jsonl. In a
+  multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
   """
   check_config(config)
   _ensure_writable(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  primary = parallel.is_primary()
+  say = functools.partial(print, flush=True) if primary else lambda *args: None
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
+  # Built first: a missing weights file (model.pretrained) stops the run before any data work.
+  model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
   data = config.data
-  pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
+  if primary:
+    pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
+  parallel.sync("dataset prepared")
+  if not primary:  # Finds process 0's build where the filesystem is shared; builds its own elsewhere.
+    pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
   train_source = pipeline.load_split(data.name, data.train_split, data.data_dir, decode_images=False)
   test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
   mmsi = config.miner.mmsi
@@ -309,8 +319,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       seed=config.seed, held_out_fraction=held_out)
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
 
-  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  model = models.get(config.model.name, **model_kwargs)
   num_steps = config.train.num_steps
   schedule = create_schedule(config.optim, num_steps)
   tx = create_optimizer(config.optim, schedule)
@@ -324,7 +332,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.device_put(state, parallel.replicated(mesh))
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   start_step = int(state.step)
-  writer = reporting.MetricsWriter(workdir, resume_step=start_step)
+  writer = reporting.MetricsWriter(workdir, resume_step=start_step) if primary else reporting.NullWriter()
+
+  def figures_at(name):
+    return figures_path_prefix(workdir, name) if primary else None
   train_step = make_train_step(model, tx, schedule, pair_loss, hparams, miner, data.normalization,
                                mesh)
   embed_fn = make_embed_fn(model, data.normalization)
@@ -335,12 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final = {}
   if restored_step is None:
     baseline = evaluate(config, functools.partial(raw_pixels, max_side=config.eval.baseline_side),
-                        test_source, "baseline", figures_path_prefix(workdir, "baseline"))
+                        test_source, "baseline", figures_at("baseline"))
     writer.write(0, baseline)
   else:
     baseline = {k: v for r in reporting.read_metrics(workdir) for k, v in r.items()
                 if k.startswith("baseline/")}
-    print(f"Resuming at step {start_step} of {num_steps} from {ckpt.directory}.", flush=True)
+    say(f"Resuming at step {start_step} of {num_steps} from {ckpt.directory}.")
   final.update(baseline)
 
   progress = reporting.Progress(num_steps, start_step)
@@ -371,14 +382,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"Lower optim.learning_rate or check the data, then run again to resume.")
     means = {k: float(np.mean([m[k] for _, m in host])) for k in host[0][1]}
     writer.write(step, means)
-    print(progress.line(step, {"loss": means["train/loss"]}), flush=True)
+    say(progress.line(step, {"loss": means["train/loss"]}))
     if step % config.train.eval_every == 0 or step == num_steps:
       evaluation = evaluate(config, embed, test_source, "test",
-                            figures_path_prefix(workdir, f"step_{step:06d}"))
+                            figures_at(f"step_{step:06d}"))
       writer.write(step, evaluation)
       final = {**baseline, **evaluation}
-      print("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()),
-            flush=True)
+      say("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()))
     if step % config.train.checkpoint_every == 0 or step == num_steps:
       checkpointing.save(ckpt, step, state)
       last_checkpoint = step
@@ -386,17 +396,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
 
   if start_step < num_steps:
-    print(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.",
-          flush=True)
+    say(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.")
   if not any(k.startswith("test/") for k in final):  # Resumed a finished run: evaluate once more.
     final.update(evaluate(config, embed, test_source, "test",
-                          figures_path_prefix(workdir, f"step_{num_steps:06d}")))
+                          figures_at(f"step_{num_steps:06d}")))
   columns = [k.split("/", 1)[1] for k in final if k.startswith("test/")]
   rows = {
       "raw pixels": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("baseline/")},
       f"{config.model.name} + {config.loss.name}":
           {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("test/")},
   }
-  print(f"\nTest split {data.name}/{data.test_split} after {num_steps} steps:")
-  print(reporting.format_table(rows, columns), flush=True)
+  say(f"\nTest split {data.name}/{data.test_split} after {num_steps} steps:")
+  say(reporting.format_table(rows, columns))
   return final

@@ -348,9 +348,59 @@ def test_degenerate_inputs(name, hparams):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Triplets: anchors with more positives than one chunk of the chunked selection, and tied similarities.
+
+def dense_triplet(sim, pos, neg, margin, mining):
+  """Batch-all or semi-hard triplet loss over the explicit [B, P, N] cube of triplets."""
+  cost = sim[:, None, :] - sim[:, :, None] + margin  # [anchor, positive, negative]
+  if mining == "all":
+    active = pos[:, :, None] & neg[:, None, :] & (cost > 0)
+    return jnp.sum(jnp.where(active, cost, 0.0)) / jnp.maximum(jnp.sum(active), 1)
+  easier = neg[:, None, :] & (sim[:, None, :] < sim[:, :, None])
+  hardest_easier = jnp.max(jnp.where(easier, sim[:, None, :], -jnp.inf), axis=2)
+  cost = jnp.where(pos & jnp.any(easier, axis=2), jax.nn.relu(hardest_easier - sim + margin), 0.0)
+  return jnp.sum(cost) / jnp.maximum(jnp.sum(pos), 1)
+
+
+def crowded_problem(seed, duplicates):
+  """Two classes in the batch and 3 in a memory of 110: about 50 positives per anchor. With
+  `duplicates`, memory rows repeat batch rows and each other, so that many similarities tie exactly."""
+  rng = np.random.default_rng(seed)
+  x, mem = unit(rng.normal(size=(16, 5))), unit(rng.normal(size=(110, 5)))
+  labels, mem_labels = np.arange(16) % 2, rng.integers(0, 3, 110)
+  if duplicates:
+    mem[:16], mem_labels[:16] = x, labels
+    mem[60:100] = mem[20:60]
+  return dict(x=x, labels=labels, mem=mem, mem_labels=mem_labels, mem_valid=np.ones(110, bool),
+              proxies=np.zeros((NUM_CLASSES, 5)))
+
+
+@pytest.mark.parametrize("mining,margin", [("all", 0.1), ("all", 0.5), ("semihard", 0.3)])
+def test_triplet_with_many_positives_and_ties(mining, margin):
+  """Several chunks of positives per anchor: the value against NumPy (ties included) and the gradient
+  against the explicit triplet cube."""
+  hparams = dict(mining=mining, margin=margin)
+  with jax.enable_x64(True):
+    f = jax.jit(loss_on("triplet", hparams))
+    for seed in range(3):
+      problem = crowded_problem(seed, duplicates=True)
+      assert min(len(p) for p, _ in anchor_sets(problem)) > 32
+      np.testing.assert_allclose(f(*args_of(problem)), np_triplet(anchor_sets(problem), **hparams),
+                                 rtol=1e-9)
+
+    def dense(x, labels, mem, mem_labels, mem_valid, proxies):
+      pairs = losses.build_pairs(x, labels, ref_embeddings=mem, ref_labels=mem_labels,
+                                 ref_valid=mem_valid)
+      return dense_triplet(*pairs, margin, mining)
+    args = args_of(crowded_problem(3, duplicates=False))
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(*args), jax.jit(jax.grad(dense))(*args),
+                               rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 def test_batch_all_triplets_fit_in_memory_at_scale():
-  """B = 128 anchors against M = 8192 references would be 34 GB of triplets; the sort-based form stays
+  """B = 128 anchors against M = 8192 references would be 34 GB of triplets; the chunked form stays
   within 1 GB of working memory (compiled, not run)."""
   batch, refs, dim = 128, 8192, 512
   loss_fn = losses.get("triplet")

@@ -101,6 +101,13 @@ def test_meta_gradients_match_finite_differences(scope):
                                  rtol=1e-10)
     check_grads(objective, (net_params,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-5)
 
+    # l2rw's closed form at m = 0 (-alpha W * J grad L_val(theta), J by transposing the VJP, no
+    # virtual step) equals the autodiff meta-gradient checked above.
+    loss, grad = jax.jit(miner.meta_grad_at_zero)(memory, inputs)
+    expected_loss, expected_grad = jax.jit(jax.value_and_grad(meta_loss))(jnp.zeros_like(at))
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
 
 def test_l2rw_weights_equal_the_closed_form_for_a_linear_embedding():
   alpha = 0.5

@@ -43,3 +43,32 @@ def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(KeyError, match="known models"):
     models.get("vgg")
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding", [
+    ((2, 2, 2, 8), 3, 1, "SAME"),  # ResNet's last stage at 64 px: 4 outputs, 9 taps.
+    ((2, 4, 4, 8), 3, 2, "SAME"),  # Its strided first convolution (asymmetric SAME padding).
+    ((2, 3, 3, 8), 7, 2, [(3, 3), (3, 3)]),
+    ((2, 6, 6, 8), 3, 1, "SAME"),  # 36 outputs >= 9 taps: lax's convolution, unchanged.
+])
+def test_small_output_convolutions_are_exact_matrix_products(shape, kernel, strides, padding):
+  """models.conv: patches x kernel equal lax's convolution, values and gradients, and compile to no
+  convolution (whose operand-swapped form is XLA:CPU's slow path)."""
+  from jax import lax
+  from mmsi_jax.models import conv
+
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, shape[-1], 5))
+  dnums = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def loss(f):
+    return jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(jnp.sin(f(x, w, (strides, strides), padding, dimension_numbers=dnums))),
+        argnums=(0, 1)))
+
+  expected, got = loss(lax.conv_general_dilated)(x, w), loss(conv.conv_general_dilated)(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  small = shape[1] < 6
+  hlo = loss(conv.conv_general_dilated).lower(x, w).compile().as_text()
+  assert ("convolution(" in hlo) != small

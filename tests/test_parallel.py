@@ -1,41 +1,78 @@
-"""Data parallelism: training on 2 (virtual CPU) devices matches training on one."""
+"""Data parallelism: training on 2 (virtual CPU) devices, and in 2 processes joined with
+jax.distributed, matches training on one device."""
 
 import os
+import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 from mmsi_jax import reporting, train
 from tests.test_train import REPO, latest_params, tiny_config
 
-TRAIN_ON_TWO_DEVICES = """
-import sys, jax
+TRAIN = """
+import sys
+from mmsi_jax import parallel
+if len(sys.argv) > 3:
+  parallel.initialize(sys.argv[3], 2, int(sys.argv[4]))
+import jax
 assert jax.device_count() == 2, jax.devices()
 from mmsi_jax import train
 from tests.test_train import tiny_config
 train.train_and_evaluate(tiny_config(sys.argv[1], num_steps=10, miner="mmsi"), sys.argv[2])
 """
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def test_two_devices_train_like_one(glyphs_dir, tmp_path):
-  one = str(tmp_path / "one")
-  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=10, miner="mmsi"), one)
-  two = str(tmp_path / "two")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", TRAIN_ON_TWO_DEVICES, glyphs_dir, two], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  losses_one = [r["train/loss"] for r in reporting.read_metrics(one) if "train/loss" in r]
-  losses_two = [r["train/loss"] for r in reporting.read_metrics(two) if "train/loss" in r]
-  np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4)
-  (_, state_one), (_, state_two) = latest_params(one), latest_params(two)
-  for a, b in zip(jax.tree.leaves(state_one["params"]), jax.tree.leaves(state_two["params"])):
+@pytest.fixture(scope="module")
+def one_device_run(glyphs_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one"))
+  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=10, miner="mmsi"), workdir)
+  return workdir
+
+
+def assert_same_training(workdir, reference):
+  """The same losses (each step reported once) and, up to reduction order, the same parameters and
+  MMSI memory."""
+  records = reporting.read_metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == [5, 10]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  expected = [r["train/loss"] for r in reporting.read_metrics(reference) if "train/loss" in r]
+  np.testing.assert_allclose(losses, expected, rtol=1e-4)
+  (_, state), (_, expected_state) = latest_params(workdir), latest_params(reference)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected_state["params"])):
     # Reduction order differs between 1 and 2 devices, and Adam's normalisation amplifies that noise
     # in near-zero gradients; the parameters agree as a whole, not to the last bit.
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6
-  memory_one = state_one["miner_state"]["memory"]
-  memory_two = state_two["miner_state"]["memory"]
-  np.testing.assert_array_equal(memory_one["labels"], memory_two["labels"])
+  np.testing.assert_array_equal(state["miner_state"]["memory"]["labels"],
+                                expected_state["miner_state"]["memory"]["labels"])
+
+
+def test_two_devices_train_like_one(glyphs_dir, tmp_path, one_device_run):
+  two = str(tmp_path / "two")
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = subprocess.run([sys.executable, "-c", TRAIN, glyphs_dir, two], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_same_training(two, one_device_run)
+
+
+def test_two_processes_train_like_one(glyphs_dir, tmp_path, one_device_run):
+  """Two hosts in miniature: two processes of one CPU device each, one workdir (a shared filesystem),
+  each process feeding its half of every batch."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    coordinator = f"localhost:{s.getsockname()[1]}"
+  workdir = str(tmp_path / "two_processes")
+  processes = [subprocess.Popen([sys.executable, "-c", TRAIN, glyphs_dir, workdir, coordinator,
+                                 str(i)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  assert "Test split" in outputs[0][0] and "step" not in outputs[1][0]  # Process 0 alone reports.
+  assert_same_training(workdir, one_device_run)
+  assert os.listdir(os.path.join(workdir, "eval"))

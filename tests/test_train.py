@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -157,6 +158,13 @@ def test_invalid_settings_fail_before_any_work(glyphs_dir, tmp_path):
   with pytest.raises(ValueError, match="multiple of train.log_every"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+  # A missing weights file is reported before the dataset is prepared.
+  config = tiny_config(str(tmp_path / "data"))
+  config.model = ml_collections.ConfigDict(
+      dict(name="bn_inception", embed_dim=16, pretrained=str(tmp_path / "bn_inception.pth")))
+  with pytest.raises(ValueError, match="bn_inception.pth.: no such file"):
+    train.train_and_evaluate(config, str(tmp_path / "weights_run"))
+  assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -100,8 +100,10 @@ def run(args) -> dict:
   for label, name, hparams in CONFIGS:
     kind = "proxy" if name in losses.proxy_names() else "pair"
     (loss_fn, loss_args), (floor_fn, floor_args) = _loss_and_grad(name, hparams, data), floors[kind]
-    seconds, floor_seconds = timing.time_calls_interleaved(
-        [lambda: loss_fn(*loss_args), lambda: floor_fn(*floor_args)], repeats=args.repeats)
+    times = timing.time_interleaved(
+        {"loss": lambda: loss_fn(*loss_args), "floor": lambda: floor_fn(*floor_args)},
+        repeats=args.repeats)
+    seconds, floor_seconds = times["loss"], times["floor"]
     row = {"ms": 1e3 * seconds, "ratio": seconds / floor_seconds,
            "temp_mb": _temp_megabytes(loss_fn, loss_args)}
     figures.update({f"{label}_{key}": value for key, value in row.items()})

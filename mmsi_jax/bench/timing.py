@@ -19,22 +19,6 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2) -> f
   return float(np.median(times))
 
 
-def time_calls_interleaved(fns: Sequence[Callable[[], Any]], *, repeats: int = 10,
-                           warmup: int = 2) -> list[float]:
-  """Median wall time in seconds of each `fn()`, the functions called in turn within each repeat, so
-  that a change of machine load during the measurement affects them all alike."""
-  for fn in fns:
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, fn_times in zip(fns, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      fn_times.append(time.perf_counter() - start)
-  return [float(np.median(t)) for t in times]
-
-
 def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int = 10,
                      warmup: int = 2) -> dict[str, float]:
   """Median wall time in seconds of each call, timed in turn round after round, so that a change in the

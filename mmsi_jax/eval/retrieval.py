@@ -54,8 +54,9 @@ _NO_CLASS = -1
 
 
 def eval_mesh() -> Mesh:
-  """A 1-D mesh over all devices; the blocks of the similarity matrix are dealt out along BLOCK_AXIS."""
-  return Mesh(np.array(jax.devices()), (BLOCK_AXIS,))
+  """A 1-D mesh over this process's devices; the blocks of the similarity matrix are dealt out along
+  BLOCK_AXIS. (In a multi-host run every process evaluates on its own devices.)"""
+  return Mesh(np.array(jax.local_devices()), (BLOCK_AXIS,))
 
 
 def _better(sim_a, index_a, sim_b, index_b):

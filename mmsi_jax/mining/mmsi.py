@@ -6,9 +6,12 @@ other data. With W = dL/dS the batch's pair weights and J = dS/dtheta,
     theta'(m) = theta - alpha * grad_theta L_m(theta) = theta - alpha * J^T (m * W)      (virtual step)
     L_meta(m) = L(S(theta'(m); validation batch, memory dictionary))                    (meta loss)
 
-and d L_meta / dm (or / dphi, through m = phi(pair features)) is a gradient through a gradient. The
-inner gradient is the VJP of S(theta) that the train step computes anyway, so the virtual step costs one
-more backward pass and its transpose, and the real update reuses the same VJP with the chosen m.
+and d L_meta / dm (or / dphi, through m = phi(pair features)) is a gradient through a gradient:
+dL_meta/dm = -alpha * W * (J grad L_val(theta')). The inner gradient J^T is the VJP of S(theta) that the
+train step computes anyway, so the meta step costs one more backward pass (the virtual step; none at
+l2rw's m = 0, where theta' = theta: `MMSI.meta_grad_at_zero`), the validation batch's forward and
+backward at theta', and one tangent pass (J, the VJP transposed); the real update reuses the same VJP
+with the chosen m.
 
 Modes:
   weighting_net  m = phi(S_ij, W_ij, positive or negative, rank of the pair within its anchor) in (0, 1),
@@ -169,19 +172,49 @@ class MMSI:
     return (inputs.params[HEAD], lambda cot: head_vjp(cot)[0],
             lambda head: embed_with_head(head, val_features))
 
-  def meta_loss_fn(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
-    """m [B, M] -> L_meta(theta'(m)): the validation batch against the dictionary after a virtual step."""
-    theta, grad_of, embed_validation = self._scoped_problem(inputs)
-    alpha = self.config.virtual_lr if self.config.virtual_lr > 0 else inputs.learning_rate
+  def _alpha(self, inputs: StepInputs) -> jax.Array:
+    return self.config.virtual_lr if self.config.virtual_lr > 0 else inputs.learning_rate
 
-    def meta_loss(multipliers):
-      cotangent = jax.grad(losses.weighted_pair_loss)(inputs.pairs.sim, inputs.weights, multipliers)
-      virtual = jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(cotangent))
-      val = losses.build_pairs(embed_validation(virtual), inputs.val_labels,
+  def _validation_loss(self, memory: memory_lib.Memory, inputs: StepInputs, embed_validation):
+    """theta_scope -> L_val: the validation batch against the dictionary, unweighted."""
+    def validation_loss(theta):
+      val = losses.build_pairs(embed_validation(theta), inputs.val_labels,
                                ref_embeddings=memory.embeddings, ref_labels=memory.labels,
                                ref_valid=memory.valid)
       return self.pair_loss(val.sim, val.pos, val.neg, **self.hparams)
+    return validation_loss
+
+  def meta_loss_fn(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
+    """m [B, M] -> L_meta(theta'(m)): the validation batch against the dictionary after a virtual step.
+
+    Differentiated by autodiff (a gradient through the virtual step's gradient: its backward pass
+    transposed, i.e. one tangent pass), except at l2rw's m = 0 (`meta_grad_at_zero`).
+    """
+    theta, grad_of, embed_validation = self._scoped_problem(inputs)
+    alpha = self._alpha(inputs)
+    validation_loss = self._validation_loss(memory, inputs, embed_validation)
+
+    def meta_loss(multipliers):
+      cotangent = jax.grad(losses.weighted_pair_loss)(inputs.pairs.sim, inputs.weights, multipliers)
+      return validation_loss(jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(cotangent)))
     return meta_loss
+
+  def meta_grad_at_zero(self, memory: memory_lib.Memory, inputs: StepInputs):
+    """(L_meta, dL_meta/dm [B, M]) at m = 0 (l2rw), in closed form.
+
+    With theta'(m) = theta - alpha J^T (m * W) (section 4, step 3) the chain rule gives
+
+        dL_meta/dm = -alpha * W * (J g'),   g' = grad L_val(theta'),
+
+    and at m = 0, theta' = theta. J g' is the transpose of the linear map J^T (`jax.linear_transpose`
+    of the train step's VJP): the convolutions of differentiating `meta_loss_fn`, without its virtual
+    step, a backward pass on a zero cotangent that XLA does not fold away.
+    """
+    theta, grad_of, embed_validation = self._scoped_problem(inputs)
+    weights = jax.lax.stop_gradient(inputs.weights)
+    loss, val_grad = jax.value_and_grad(self._validation_loss(memory, inputs, embed_validation))(theta)
+    (jacobian_product,) = jax.linear_transpose(grad_of, weights)(val_grad)  # J g'
+    return loss, -self._alpha(inputs) * weights * jacobian_product
 
   def net_multipliers(self, net_params, pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
     """m = phi(pair features) [B, M], rescaled so that sum m|W| = sum |W| over the positives and over
@@ -196,15 +229,15 @@ class MMSI:
     return m * scale
 
   def _meta_step(self, state: MMSIState, inputs: StepInputs):
-    meta_loss = self.meta_loss_fn(state.memory, inputs)
     if self.config.mode == "l2rw":
-      loss, meta_grad = jax.value_and_grad(meta_loss)(jnp.zeros_like(inputs.weights))
+      loss, meta_grad = self.meta_grad_at_zero(state.memory, inputs)
       raw = jax.nn.relu(-meta_grad)
       largest = jnp.max(raw)
       fallback = largest <= 0
       multipliers = jnp.where(fallback, 1.0, raw / jnp.where(fallback, 1.0, largest))
       return multipliers, state.replace(fallbacks=state.fallbacks + fallback), loss, fallback
 
+    meta_loss = self.meta_loss_fn(state.memory, inputs)
     loss, net_grad = jax.value_and_grad(lambda net: meta_loss(
         self.net_multipliers(net, inputs.pairs, inputs.weights)))(state.net_params)
     updates, net_opt_state = self.net_tx.update(net_grad, state.net_opt_state, state.net_params)

@@ -2,11 +2,13 @@
 `apply(variables, images, train=...)` gives L2-normalised embeddings [N, D], with `features` and
 `embed` methods and the head's parameters under "head" (see models/embedding.py)."""
 
+from mmsi_jax.models.bn_inception import bn_inception
 from mmsi_jax.models.embedding import HEAD, EmbeddingNet, global_pool, l2_normalize
 from mmsi_jax.models.resnet import resnet18, resnet50
 from mmsi_jax.models.small_cnn import small_cnn
 
 _MODELS = {
+    "bn_inception": bn_inception,
     "small_cnn": small_cnn,
     "resnet18": resnet18,
     "resnet50": resnet50,

@@ -13,14 +13,17 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def global_pool(x: jax.Array, pooling: str) -> jax.Array:
-  """[N, H, W, C] -> [N, C] ("max", "avg") or [N, 2C] ("max_avg": both, concatenated)."""
+  """[N, H, W, C] -> [N, C] ("max", "avg", "max_plus_avg": their sum) or [N, 2C] ("max_avg": both,
+  concatenated)."""
   if pooling == "max":
     return jnp.max(x, axis=(1, 2))
   if pooling == "avg":
     return jnp.mean(x, axis=(1, 2))
   if pooling == "max_avg":
     return jnp.concatenate([jnp.max(x, axis=(1, 2)), jnp.mean(x, axis=(1, 2))], axis=-1)
-  raise ValueError(f"Unknown pooling {pooling!r}; use 'max', 'avg' or 'max_avg'.")
+  if pooling == "max_plus_avg":
+    return jnp.max(x, axis=(1, 2)) + jnp.mean(x, axis=(1, 2))
+  raise ValueError(f"Unknown pooling {pooling!r}; use 'max', 'avg', 'max_avg' or 'max_plus_avg'.")
 
 
 class EmbeddingNet(nn.Module):

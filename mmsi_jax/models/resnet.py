@@ -6,6 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, global_pool
 
 
@@ -24,14 +25,14 @@ class ResidualBlock(nn.Module):
       convs = [(self.width, (3, 3), self.strides), (self.width, (3, 3), 1)]
     y = x
     for i, (features, kernel, strides) in enumerate(convs):
-      y = nn.Conv(features, kernel, strides, padding="SAME", use_bias=False)(y)
+      y = Conv(features, kernel, strides, padding="SAME", use_bias=False)(y)
       last = i == len(convs) - 1
       y = self.batch_norm(scale_init=nn.initializers.zeros if last else nn.initializers.ones)(y)
       if not last:
         y = nn.relu(y)
     out_features = convs[-1][0]
     if x.shape[-1] != out_features or self.strides != 1:
-      x = nn.Conv(out_features, (1, 1), self.strides, use_bias=False)(x)
+      x = Conv(out_features, (1, 1), self.strides, use_bias=False)(x)
       x = self.batch_norm()(x)
     return nn.relu(x + y)
 
@@ -53,7 +54,7 @@ class ResNetBackbone(nn.Module):
     def batch_norm(**kwargs):
       return nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=0.9, **kwargs)
 
-    x = nn.Conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False)(images)
+    x = Conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False)(images)
     x = nn.relu(batch_norm()(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for stage, num_blocks in enumerate(self.stage_sizes):

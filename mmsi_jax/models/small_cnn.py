@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, global_pool
 
 
@@ -17,7 +18,7 @@ class ConvBackbone(nn.Module):
     x = images
     for width in self.widths:
       for _ in range(2):
-        x = nn.Conv(width, (3, 3), use_bias=False)(x)
+        x = Conv(width, (3, 3), use_bias=False)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -1,0 +1,157 @@
+"""BN-Inception (Inception with Batch Normalization; Ioffe & Szegedy, ICML 2015, figure 5), the backbone
+of the DML papers MMSI compares with: the Caffe model as ported to PyTorch by `pretrainedmodels`
+("bninception"), layer for layer and under the same names, so that its ImageNet weights load by name
+(models/torch_weights.py). BGR 0-255 minus the Caffe mean in (data.normalization="caffe_bgr"), 224 or
+227 px; 1024 features [N, 1024] after global pooling (a 7x7 map at 224 px).
+
+Every convolution has a bias and is followed by BatchNorm (eps 1e-5) and ReLU; pooling in the trunk uses
+ceil mode (torch's `ceil_mode=True`), average pooling counts the padding. Parameters: 10,270,240 in the
+trunk (convolutions and BatchNorm scale/offset), plus 1000 x 1025 in the ImageNet classifier (unused).
+"""
+
+import os
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmsi_jax.models import torch_weights
+from mmsi_jax.models.conv import Conv
+from mmsi_jax.models.embedding import EmbeddingNet, global_pool
+
+# name, 1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool ("avg"/"max"), pool projection,
+# stride. A stride-2 block has no 1x1 branch and passes its max pooling through unprojected (0).
+BLOCKS = (
+    ("inception_3a", 64, (64, 64), (64, 96), "avg", 32, 1),
+    ("inception_3b", 64, (64, 96), (64, 96), "avg", 64, 1),
+    ("inception_3c", 0, (128, 160), (64, 96), "max", 0, 2),
+    ("inception_4a", 224, (64, 96), (96, 128), "avg", 128, 1),
+    ("inception_4b", 192, (96, 128), (96, 128), "avg", 128, 1),
+    ("inception_4c", 160, (128, 160), (128, 160), "avg", 128, 1),
+    ("inception_4d", 96, (128, 192), (160, 192), "avg", 128, 1),
+    ("inception_4e", 0, (128, 192), (192, 256), "max", 0, 2),
+    ("inception_5a", 352, (192, 320), (160, 224), "avg", 128, 1),
+    ("inception_5b", 352, (192, 320), (192, 224), "max", 128, 1),
+)
+
+
+def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Max pooling [N, H, W, C] without padding, in ceil mode: a last, partial window is kept."""
+  pads = []
+  for size in x.shape[1:3]:
+    out = -(-max(size - window, 0) // stride) + 1
+    pads.append((0, max((out - 1) * stride + window - size, 0)))
+  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over the last axis (Ioffe & Szegedy 2015, algorithm 1), with initialisers for
+  all four variables (so that pretrained statistics load too).
+
+  Attributes:
+    train: normalise with the batch's statistics and update the running ones (unless frozen).
+    frozen: always use the running statistics; they and the scale/offset are constants, kept in
+      "batch_stats" (not in "params": neither trained nor weight-decayed), as torch's BN-Inception
+      is fine-tuned with BatchNorm in eval mode and its affine parameters fixed.
+    init: leaf name ("scale", "bias", "mean", "var") -> initializer, or None for the defaults.
+  """
+  train: bool
+  frozen: bool = False
+  init: Optional[Callable] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1],)
+    defaults = {"scale": nn.initializers.ones, "bias": nn.initializers.zeros,
+                "mean": nn.initializers.zeros, "var": nn.initializers.ones}
+    init = {k: self.init(k) if self.init else v for k, v in defaults.items()}
+
+    def constant(leaf):
+      return self.variable("batch_stats", leaf, lambda: init[leaf](None, shape, jnp.float32))
+
+    mean, var = constant("mean"), constant("var")
+    if self.frozen:
+      scale, bias = constant("scale").value, constant("bias").value
+    else:
+      scale, bias = self.param("scale", init["scale"], shape), self.param("bias", init["bias"], shape)
+    if self.train and not self.frozen:
+      batch_mean = jnp.mean(x, axis=(0, 1, 2))
+      batch_var = jnp.maximum(jnp.mean(x * x, axis=(0, 1, 2)) - batch_mean * batch_mean, 0.0)
+      if not self.is_initializing():
+        mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
+        var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+      mu, sigma2 = batch_mean, batch_var
+    else:
+      mu, sigma2 = mean.value, var.value
+    return (x - mu) * (scale * jax.lax.rsqrt(sigma2 + self.epsilon)) + bias
+
+
+class BNInceptionBackbone(nn.Module):
+  """The BN-Inception trunk and global pooling: images [N, H, W, 3] -> features [N, 1024] (2048 with
+  pooling "max_avg").
+
+  Attributes:
+    pooling: "max", "avg", "max_avg" (concatenated) or "max_plus_avg" (summed, as the DML codes do).
+    frozen_bn: BatchNorm in inference mode with fixed scale/offset (see BatchNorm).
+    pretrained: path of the torch state dict (.npz or .pth) whose values `init` returns; "" for random
+      initialisation.
+  """
+  pooling: str = "max"
+  frozen_bn: bool = False
+  pretrained: str = ""
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    weights = None
+    if self.pretrained and self.is_initializing():
+      weights = torch_weights.read_state_dict(self.pretrained)
+
+    def init(module, leaf, default):
+      if weights is None:
+        return default
+      return torch_weights.initializer(weights, module, leaf, self.pretrained)
+
+    def conv_bn(x, name, features, kernel, stride=1):
+      x = Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
+                  kernel_init=init(name, "kernel", nn.initializers.lecun_normal()),
+                  bias_init=init(name, "bias", nn.initializers.zeros), name=name)(x)
+      bn_init = None if weights is None else lambda leaf: init(f"{name}_bn", leaf, None)
+      x = BatchNorm(train, self.frozen_bn, bn_init, name=f"{name}_bn")(x)
+      return nn.relu(x)
+
+    x = conv_bn(images, "conv1_7x7_s2", 64, 7, 2)
+    x = max_pool_ceil(x)
+    x = conv_bn(x, "conv2_3x3_reduce", 64, 1)
+    x = conv_bn(x, "conv2_3x3", 192, 3)
+    x = max_pool_ceil(x)
+    for name, n1x1, (n3r, n3), (nd3r, nd3), pool, proj, stride in BLOCKS:
+      branches = [conv_bn(x, f"{name}_1x1", n1x1, 1)] if n1x1 else []
+      y = conv_bn(x, f"{name}_3x3_reduce", n3r, 1)
+      branches.append(conv_bn(y, f"{name}_3x3", n3, 3, stride))
+      y = conv_bn(x, f"{name}_double_3x3_reduce", nd3r, 1)
+      y = conv_bn(y, f"{name}_double_3x3_1", nd3, 3)
+      branches.append(conv_bn(y, f"{name}_double_3x3_2", nd3, 3, stride))
+      if stride == 2:
+        branches.append(max_pool_ceil(x))
+      else:
+        pooled = (nn.avg_pool if pool == "avg" else nn.max_pool)(
+            x, (3, 3), (1, 1), padding=[(1, 1), (1, 1)])
+        branches.append(conv_bn(pooled, f"{name}_pool_proj", proj, 1))
+      x = jnp.concatenate(branches, axis=-1)
+    return global_pool(x, self.pooling)
+
+
+def bn_inception(embed_dim: int = 512, pooling: str = "max", frozen_bn: bool = False,
+                 pretrained: str = "") -> EmbeddingNet:
+  """BN-Inception -> linear -> L2 norm. `pretrained`: torch state dict of the `pretrainedmodels`
+  "bninception" ImageNet model (.npz or .pth; models/torch_weights.py), "" for random initialisation."""
+  if pretrained and not os.path.isfile(pretrained):
+    raise torch_weights.WeightsError(
+        f"model.pretrained={pretrained!r}: no such file. Put the ImageNet weights of the "
+        f"pretrainedmodels 'bninception' there (bn_inception-52deb4733.pth, or that state dict saved as "
+        f".npz: see mmsi_jax/models/torch_weights.py), or pass --config.model.pretrained='' to start "
+        f"from random initialisation.")
+  return EmbeddingNet(BNInceptionBackbone(pooling, frozen_bn, pretrained), embed_dim)

@@ -1,0 +1,197 @@
+"""BN-Inception: the published architecture's size, shapes, frozen BatchNorm, and loading torch weights
+(.npz, and .pth in torch.save's zip and legacy formats, written here without torch)."""
+
+import collections
+import io
+import pickle
+import sys
+import types
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsi_jax import models
+from mmsi_jax.models import torch_weights
+
+
+def random_variables(model, images, seed=0):
+  """Variables of the model's shapes filled with numpy random values (model.init would spend tens of
+  seconds compiling one random initializer per distinct shape)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "'var'" in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 1
+    return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def backbone_tree(variables):
+  """{module: {leaf: array}} of the backbone's params and batch statistics together."""
+  tree = collections.defaultdict(dict)
+  for collection in ("params", "batch_stats"):
+    for module, leaves in variables.get(collection, {}).get("backbone", {}).items():
+      tree[module].update(leaves)
+  return dict(tree)
+
+
+def test_parameter_count_and_feature_size_match_the_published_architecture():
+  model = models.get("bn_inception", embed_dim=512)
+  variables, features = jax.eval_shape(lambda: (
+      lambda v: (v, model.apply(v, jnp.zeros((1, 224, 224, 3)), method="features")))(
+          model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))))
+  trunk = variables["params"]["backbone"]
+  # pretrainedmodels' bninception: 11,295,240 parameters, of which 1024 x 1000 + 1000 in its classifier.
+  assert sum(x.size for x in jax.tree.leaves(trunk)) == 11_295_240 - 1_025_000
+  assert len([k for k in trunk if not k.endswith("_bn")]) == 69  # Convolutions, each with a BatchNorm.
+  assert features.shape == (1, 1024)
+  assert sum(x.size for x in jax.tree.leaves(variables["params"]["head"])) == 1024 * 512 + 512
+
+
+def test_shapes_unit_norm_and_training_mode_at_64_px():
+  model = models.get("bn_inception", embed_dim=8, pooling="max_plus_avg")
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+  variables = random_variables(model, images)
+
+  @jax.jit  # One compilation for both modes.
+  def apply(variables, images):
+    return (model.apply(variables, images, method="features_and_embeddings"),
+            model.apply(variables, images, train=True, mutable=["batch_stats"])[1])
+
+  (features, embeddings), updates = apply(variables, images)
+  assert features.shape == (2, 1024) and embeddings.shape == (2, 8)
+  np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                                         updates["batch_stats"], variables["batch_stats"]))
+  assert all(changed)  # Training mode updates every running statistic.
+
+
+def test_frozen_batch_norm_is_constant_and_not_a_parameter():
+  model = models.get("bn_inception", embed_dim=4, frozen_bn=True)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = random_variables(model, images)
+  params = variables["params"]["backbone"]
+  assert not [k for k in params if k.endswith("_bn")]  # Scale and offset are not trained ...
+  assert set(variables["batch_stats"]["backbone"]["conv1_7x7_s2_bn"]) == {"mean", "var", "scale", "bias"}
+  # The same weights unfrozen give the same inference output.
+  unfrozen = models.get("bn_inception", embed_dim=4)
+  tree = backbone_tree(variables)
+  unfrozen_vars = {
+      "params": {"head": variables["params"]["head"], "backbone": {
+          m: {k: v for k, v in leaves.items() if k not in ("mean", "var")} if m.endswith("_bn")
+          else leaves for m, leaves in tree.items()}},
+      "batch_stats": {"backbone": {m: {k: leaves[k] for k in ("mean", "var")}
+                                   for m, leaves in tree.items() if m.endswith("_bn")}}}
+
+  @jax.jit  # One compilation for the three.
+  def apply(variables, unfrozen_vars, images):
+    return (model.apply(variables, images, train=True, mutable=["batch_stats"]),
+            model.apply(variables, images), unfrozen.apply(unfrozen_vars, images))
+
+  (train_out, updates), eval_out, unfrozen_out = apply(variables, unfrozen_vars, images)
+  np.testing.assert_allclose(train_out, eval_out, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_array_equal(a, b)  # ... and nothing changes in training mode.
+  np.testing.assert_allclose(unfrozen_out, eval_out, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_load_by_torch_name_and_a_bad_shape_names_the_parameter(tmp_path):
+  images = jnp.zeros((1, 32, 32, 3))
+  source = random_variables(models.get("bn_inception", embed_dim=4), images, seed=1)
+  state = torch_weights.to_state_dict(backbone_tree(source))
+  assert state["conv1_7x7_s2.weight"].shape == (64, 3, 7, 7)
+  state["conv2_3x3_bn.weight"] = state["conv2_3x3_bn.weight"][None]  # Caffe-converted [1, C] vector.
+  state["last_linear.weight"] = np.zeros((1000, 1024), np.float32)  # The classifier is ignored.
+  path = str(tmp_path / "bn_inception.npz")
+  np.savez(path, **state)
+  for frozen_bn in (False, True):
+    model = models.get("bn_inception", embed_dim=4, frozen_bn=frozen_bn, pretrained=path)
+    loaded = jax.jit(model.init)(jax.random.PRNGKey(0), images)  # Jitted: seconds faster.
+    expected, got = backbone_tree(source), backbone_tree(loaded)
+    assert got.keys() == expected.keys()
+    for module in expected:
+      for leaf in expected[module]:
+        np.testing.assert_array_equal(got[module][leaf], expected[module][leaf], err_msg=module)
+
+  state["inception_4d_3x3.weight"] = state["inception_4d_3x3.weight"][:, :64]
+  np.savez(path, **state)
+  with pytest.raises(torch_weights.WeightsError, match=r"'inception_4d_3x3.weight' has shape "
+                     r"\[192, 64, 3, 3\] in the file but the model expects \[192, 128, 3, 3\]"):
+    jax.eval_shape(models.get("bn_inception", pretrained=path).init, jax.random.PRNGKey(0), images)
+  with pytest.raises(torch_weights.WeightsError, match="no such file.*pretrained=''"):
+    models.get("bn_inception", pretrained=str(tmp_path / "missing.pth"))
+
+
+def _write_torch_file(path, state, legacy, monkeypatch):
+  """torch.save(state, path) without torch: the same pickle, with stand-ins for torch's globals."""
+  torch = types.ModuleType("torch")
+  torch_utils = types.ModuleType("torch._utils")
+  torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
+
+  def _rebuild_tensor_v2(*args):
+    raise AssertionError("only pickled here")
+
+  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+  torch_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+  monkeypatch.setitem(sys.modules, "torch", torch)
+  monkeypatch.setitem(sys.modules, "torch._utils", torch_utils)
+
+  class Tensor:
+    def __init__(self, key, array):
+      self.key, self.array = key, array
+
+    def __reduce__(self):  # A transposed view: storage offset 0, strides of the transpose.
+      storage = ("storage", self.key, self.array.size)
+      return (_rebuild_tensor_v2, (storage, 0, self.array.shape,
+                                   tuple(s // 4 for s in self.array.strides), False,
+                                   collections.OrderedDict()))
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, tuple) and obj and obj[0] == "storage":
+        _, key, numel = obj
+        return ("storage", torch.FloatStorage, key, "cpu", numel) + ((None,) if legacy else ())
+      return None
+
+  storages = {str(i): np.ascontiguousarray(v.T if v.ndim == 2 else v, np.float32)
+              for i, v in enumerate(state.values())}
+  tensors = collections.OrderedDict(
+      (k, Tensor(str(i), storages[str(i)].T if v.ndim == 2 else storages[str(i)]))
+      for i, (k, v) in enumerate(state.items()))
+  body = io.BytesIO()
+  Pickler(body, protocol=2).dump(tensors)
+  with open(path, "wb") as f:
+    if legacy:
+      for header in (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}):
+        pickle.dump(header, f, protocol=2)
+      f.write(body.getvalue())
+      pickle.dump(sorted(storages), f, protocol=2)
+      for key in sorted(storages):
+        f.write(np.int64(storages[key].size).tobytes() + storages[key].tobytes())
+    else:
+      with zipfile.ZipFile(f, "w") as z:
+        z.writestr("archive/data.pkl", body.getvalue())
+        for key, data in storages.items():
+          z.writestr(f"archive/data/{key}", data.tobytes())
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pth_files_are_read_without_torch(tmp_path, monkeypatch, legacy):
+  rng = np.random.default_rng(0)
+  state = {"a.weight": rng.normal(size=(4, 3, 2, 2)).astype(np.float32),
+           "a.bias": rng.normal(size=(4,)).astype(np.float32),
+           "fc.weight": rng.normal(size=(5, 6)).astype(np.float32)}  # Stored transposed: strided.
+  path = str(tmp_path / "weights.pth")
+  with monkeypatch.context() as patch:
+    _write_torch_file(path, state, legacy, patch)
+  read = torch_weights.read_state_dict(path)
+  assert read.keys() == state.keys()
+  for key in state:
+    np.testing.assert_array_equal(read[key], state[key])
