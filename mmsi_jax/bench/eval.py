@@ -3,13 +3,15 @@
 Both evaluate the same random L2-normalised embeddings (by default 60,502 x 512 over 11,316 classes, the
 SOP test split's size), queried against themselves. Each method runs in a process of its own, so that its
 peak resident memory (ru_maxrss: the process's whole footprint, inputs included) is its own; the two
-processes take turns, one call each per round, and the time is the median over the rounds. faiss-cpu
+processes take turns, one call each per round, and the time is the median over the rounds; the 1-minute
+load average before and after the rounds tells what else the machine was running. faiss-cpu
 (IndexFlatIP, exact inner-product search) is a benchmark-only dependency: `pip install faiss-cpu`.
 """
 
 import argparse
 import importlib.util
 import multiprocessing
+import os
 import resource
 import time
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
   ks = tuple(int(k) for k in args.ks.split(","))
   context = multiprocessing.get_context("spawn")
   workers = {m: context.Pool(1, initializer=_load_inputs, initargs=(args, ks)) for m in _METHODS}
+  load_before = os.getloadavg()[0]
   try:  # Rounds alternate the methods, so that both meet the same load; the first round warms up.
     rounds = [{m: workers[m].apply(_timed_evaluation, (m,)) for m in _METHODS}
               for _ in range(args.repeats + 1)][1:]
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     for worker in workers.values():
       worker.close()
       worker.join()
+  load_after = os.getloadavg()[0]
   seconds = {m: float(np.median([r[m][0] for r in rounds])) for m in _METHODS}
   _, ours, ours_peak_mb = rounds[-1]["retrieval_metrics"]
   _, baseline, baseline_peak_mb = rounds[-1]["faiss_numpy"]
@@ -116,6 +120,9 @@ def run(args: argparse.Namespace) -> dict:
              "time_ratio": seconds["retrieval_metrics"] / seconds["faiss_numpy"],
              "retrieval_metrics_peak_rss_mb": ours_peak_mb, "faiss_numpy_peak_rss_mb": baseline_peak_mb,
              "peak_rss_ratio": ours_peak_mb / baseline_peak_mb,
-             "max_metric_difference": max(abs(ours[k] - baseline[k]) for k in baseline)}
+             "max_metric_difference": max(abs(ours[k] - baseline[k]) for k in baseline),
+             "retrieval_metrics_rounds_s": [round(r["retrieval_metrics"][0], 2) for r in rounds],
+             "faiss_numpy_rounds_s": [round(r["faiss_numpy"][0], 2) for r in rounds],
+             "load_average_before": load_before, "load_average_after": load_after}
   figures.update({f"metric/{k}": v for k, v in ours.items()})
   return figures

@@ -44,7 +44,7 @@ _MAX_LISTED_K = 64
 # Refs are taken from a block group by group: groups of this many consecutive refs.
 _GROUP_SIZE = 16
 # Once at most this many queries of a block still take refs from it, they go on alone.
-_FEW_QUERIES = 64
+_FEW_QUERIES = 256
 # The side of a block in the sweep for the relevant refs (pairs of one class lie near the diagonal).
 _CLASS_BLOCK = 256
 # The index of no ref (a query that is not in the refs; a list not full yet): beyond every index.
@@ -86,18 +86,16 @@ def _merge_block(listed_sim, listed_index, sim, ref_start, axis):
   num_groups = sim.shape[axis] // _GROUP_SIZE
   if axis == 1:
     group_max = jnp.max(sim.reshape(num_queries, num_groups, _GROUP_SIZE), axis=2)
-    values_at = lambda positions: jnp.take_along_axis(sim, positions, axis=1)
   else:
     group_max = jnp.max(sim.reshape(num_groups, _GROUP_SIZE, num_queries), axis=1).T
-    values_at = lambda positions: jnp.take_along_axis(sim, positions.T, axis=0).T
   offsets = jnp.arange(_GROUP_SIZE)
 
-  def take(state, values_at):
-    """Each query takes its best remaining ref if it ranks before the last of its list."""
+  def take(state, queries):
+    """Each of the queries [n'] takes its best remaining ref if it ranks before the last of its list."""
     step, _, group_max, taken_sim, taken_index, listed_sim, listed_index = state
     group = jnp.argmax(group_max, axis=1)
     positions = group[:, None] * _GROUP_SIZE + offsets
-    values = values_at(positions)
+    values = sim[queries[:, None], positions] if axis == 1 else sim[positions, queries[:, None]]
     values = jnp.where(_better(taken_sim[:, None], taken_index[:, None], values, ref_start + positions),
                        values, -jnp.inf)
     best = jnp.argmax(values, axis=1)
@@ -118,22 +116,23 @@ def _merge_block(listed_sim, listed_index, sim, ref_start, axis):
             jnp.where(takes, best_index, taken_index), insert(listed_sim, best_sim),
             insert(listed_index, best_index))
 
-  def take_while(state, values_at, go_on):
+  def take_while(state, queries, go_on):
     return jax.lax.while_loop(lambda state: (state[0] < depth) & go_on(state[1]),
-                              lambda state: take(state, values_at), state)
+                              lambda state: take(state, queries), state)
 
   state = (jnp.int32(0), jnp.max(group_max, axis=1) >= listed_sim[:, -1], group_max,
            jnp.full_like(listed_sim[:, 0], jnp.inf), jnp.full_like(listed_index[:, 0], -1), listed_sim,
            listed_index)
   few = min(num_queries, _FEW_QUERIES)
-  step, takes, *per_query = take_while(state, values_at, lambda takes: jnp.sum(takes) > few)
+  step, takes, *per_query = take_while(state, jnp.arange(num_queries),
+                                       lambda takes: jnp.sum(takes) > few)
   queries = jnp.nonzero(takes, size=few, fill_value=num_queries)[0]
-  query_sim = jnp.take(sim, queries, axis=1 - axis, mode="clip")
-  query_sim = query_sim if axis == 1 else query_sim.T
-  few_state = take_while(
-      (step, jnp.take(takes, queries, mode="fill", fill_value=False),
-       *(jnp.take(x, queries, axis=0, mode="clip") for x in per_query)),
-      lambda positions: jnp.take_along_axis(query_sim, positions, axis=1), jnp.any)
+  group_max, taken_sim, taken_index, listed_sim, listed_index = (
+      jnp.take(x, queries, axis=0, mode="clip") for x in per_query)
+  # Filler rows (past the queries that still take) end with +inf: nothing ranks before it.
+  listed_sim = jnp.where((queries < num_queries)[:, None], listed_sim, jnp.inf)
+  few_state = take_while((step, queries < num_queries, group_max, taken_sim, taken_index, listed_sim,
+                          listed_index), jnp.minimum(queries, num_queries - 1), jnp.any)
   return tuple(x.at[queries].set(y, mode="drop") for x, y in zip(per_query[-2:], few_state[-2:]))
 
 
