@@ -220,27 +220,34 @@ x = np.asarray(json.loads(sys.argv[1]), np.float32)
 labels = np.asarray(json.loads(sys.argv[2]))
 _, indices = nearest_neighbors(x, x, 5, query_ids=np.arange(len(x)), chunk_size=30)
 print(json.dumps({"devices": eval_mesh().size, "neighbors": indices.tolist(),
-                  "metrics": retrieval_metrics(x, labels, ks=(1, 2, 8), chunk_size=30)}))
+                  "metrics": [retrieval_metrics(x, labels, ks=ks, chunk_size=30) for ks in SHARDED_KS],
+                  "gallery": retrieval_metrics(x[:150], labels[:150], ref_embeddings=x[100:],
+                                               ref_labels=labels[100:], ks=(1, 4, 100), chunk_size=30)}))
 """
+# Listed (K up to 64) and counted (K = 200) ranks.
+_SHARDED_KS = ((1, 2, 8), (1, 10, 200))
 
 
 def test_sharded_over_four_devices_gives_the_same_results():
+  """Blocks dealt out to 4 devices (some get an empty turn): the same as on one, and as brute force."""
   rng = np.random.default_rng(5)
   labels = unequal_labels(rng, 50)
   embeddings = tied_embeddings(rng, labels)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   output = subprocess.run(
-      [sys.executable, "-c", _SHARDED_SCRIPT, json.dumps(embeddings.tolist()),
-       json.dumps(labels.tolist())],
+      [sys.executable, "-c", _SHARDED_SCRIPT.replace("SHARDED_KS", repr(_SHARDED_KS)),
+       json.dumps(embeddings.tolist()), json.dumps(labels.tolist())],
       env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True,
       check=True).stdout
   sharded = json.loads(output)
   assert sharded["devices"] == 4
   _, indices = nearest_neighbors(embeddings, embeddings, 5, query_ids=np.arange(len(labels)))
   np.testing.assert_array_equal(sharded["neighbors"], indices)
-  assert sharded["metrics"] == retrieval_metrics(embeddings, labels, ks=(1, 2, 8))
-  assert_metrics_equal(
-      sharded["metrics"], brute_force_metrics(embeddings, labels, embeddings, labels, (1, 2, 8), True))
+  for ks, metrics in zip(_SHARDED_KS, sharded["metrics"]):
+    assert metrics == retrieval_metrics(embeddings, labels, ks=ks, chunk_size=30)
+    assert_metrics_equal(metrics, brute_force_metrics(embeddings, labels, embeddings, labels, ks, True))
+  assert_metrics_equal(sharded["gallery"], brute_force_metrics(
+      embeddings[:150], labels[:150], embeddings[100:], labels[100:], (1, 4, 100), False))
 
 
 def contingency_nmi(labels_a, labels_b):

@@ -120,7 +120,8 @@ def _merge_block(listed_sim, listed_index, sim, ref_start, axis):
     return jax.lax.while_loop(lambda state: (state[0] < depth) & go_on(state[1]),
                               lambda state: take(state, queries), state)
 
-  state = (jnp.int32(0), jnp.max(group_max, axis=1) >= listed_sim[:, -1], group_max,
+  block_max = jnp.max(group_max, axis=1)
+  state = (jnp.int32(0), (block_max >= listed_sim[:, -1]) & (block_max > -jnp.inf), group_max,
            jnp.full_like(listed_sim[:, 0], jnp.inf), jnp.full_like(listed_index[:, 0], -1), listed_sim,
            listed_index)
   few = min(num_queries, _FEW_QUERIES)
