@@ -25,9 +25,14 @@ def test_embeddings_are_unit_norm_and_split_into_features_and_head(name, kwargs,
   (_, train_embeddings), updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
                                                method="features_and_embeddings")
   assert train_embeddings.shape == (3, 8)
-  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
-                                         updates["batch_stats"], variables["batch_stats"]))
+  changed = updated_statistics(updates, variables)
   assert any(changed)  # Training mode updates the BatchNorm statistics.
+
+
+def updated_statistics(updates, variables) -> list[bool]:
+  """For each BatchNorm running statistic, whether a training-mode call changed it."""
+  return jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
+                                      variables["batch_stats"]))
 
 
 def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
