@@ -31,7 +31,7 @@ def _fold_positive_chunks(sim, pos, chunk_fn: Callable, init):
 
   For each anchor, columns [B, P] are the columns of its next P positives in increasing order of their
   similarities s_pos [B, P]; valid [B, P] marks the real ones (they come first; a row with fewer
-  positives left is padded with column 0).
+  positives left is padded with column 0 and s_pos = inf).
   """
   sim = jax.lax.stop_gradient(sim)
   num_pos = jnp.sum(pos, axis=-1, dtype=jnp.int32)
@@ -43,10 +43,8 @@ def _fold_positive_chunks(sim, pos, chunk_fn: Callable, init):
     slots = start + jnp.arange(_POSITIVE_CHUNK, dtype=jnp.int32)
     valid = jnp.broadcast_to(slots < num_pos[:, None], (sim.shape[0], _POSITIVE_CHUNK))
     columns = jnp.where(valid, first_at(pos_rank, jnp.broadcast_to(slots + 1, valid.shape)), 0)
-    s_pos = jnp.take_along_axis(sim, columns, axis=1)
-    _, columns, valid = jax.lax.sort((jnp.where(valid, s_pos, jnp.inf), columns, valid), dimension=1,
-                                     num_keys=1)
-    s_pos = jnp.take_along_axis(sim, columns, axis=1)
+    s_pos = jnp.where(valid, jnp.take_along_axis(sim, columns, axis=1), jnp.inf)
+    s_pos, columns, valid = jax.lax.sort((s_pos, columns, valid), dimension=1, num_keys=1)
     return start + _POSITIVE_CHUNK, chunk_fn(carry, columns, valid, s_pos)
 
   return jax.lax.while_loop(lambda state: state[0] < jnp.max(num_pos), body,
