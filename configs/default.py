@@ -42,12 +42,27 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.widths = (32, 64, 128)  # small_cnn: channels of its conv stages.
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = "multi_similarity"  # Pair loss registered in mmsi_jax.losses.
+  # A pair loss (binomial_deviance, contrastive, lifted_structure, multi_similarity, ntxent, triplet)
+  # or a proxy loss (arcface, cosface, norm_softmax, proxy_anchor, proxy_nca) of mmsi_jax.losses.
+  config.loss.name = "multi_similarity"
   config.loss.hparams = ml_collections.ConfigDict()  # Keyword arguments of the loss.
   config.loss.hparams.alpha = 2.0  # MS positive scale.
   config.loss.hparams.beta = 50.0  # MS negative scale.
   config.loss.hparams.base = 0.5  # MS similarity margin lambda.
   config.loss.hparams.epsilon = 0.1  # MS miner margin.
+
+  # What the batch is compared with: the columns of S (mmsi_jax/references). A pair loss takes "batch"
+  # or "xbm", a proxy loss "proxies". The settings of each component are under its name.
+  config.references = ml_collections.ConfigDict()
+  config.references.name = "batch"  # The batch against itself.
+  config.references.xbm = ml_collections.ConfigDict()  # XBM cross-batch memory (docs/METHODS.md).
+  config.references.xbm.size = 8192  # K, memory slots (one global FIFO); XBM: 55,000 on SOP.
+  config.references.xbm.weight = 1.0  # lambda of L(batch, batch) + lambda * L(batch, memory).
+  config.references.xbm.start_step = 0  # First step that enqueues and adds the memory term.
+  config.references.proxies = ml_collections.ConfigDict()  # Learnable class proxies [C, D].
+  # "kaiming_fan_out" (N(0, 2/C), Proxy-Anchor), "normal" (N(0, init_std^2)), "xavier_uniform".
+  config.references.proxies.init = "kaiming_fan_out"
+  config.references.proxies.init_std = 1.0  # With init="normal".
 
   config.miner = ml_collections.ConfigDict()
   config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.
@@ -71,6 +86,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optim.weight_decay = 5e-4  # Weight decay coefficient.
   config.optim.schedule = "cosine"  # "constant" or "cosine" (decay to 0 at the last step).
   config.optim.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
+  # Learning-rate multipliers by parameter group ("proxies") or path inside one ("model/head"); the
+  # update of each parameter is scaled by the multiplier of its longest matching key (1 if none).
+  config.optim.lr_mults = ml_collections.ConfigDict({"proxies": 1.0})
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 10_000  # Training steps (one PK batch each).

@@ -2,7 +2,8 @@
 host. The TrainState is replicated; each training batch is split along its first axis, every host
 contributing the rows it prepared (data.pipeline.train_batches with its host_index). XLA inserts the
 collectives: the similarity matrix of a sharded batch against itself gathers the embeddings, and the
-gradient is reduced over the devices. Validation batches (MMSI) are the same on every host: replicated.
+gradient is reduced over the devices. Extra batches (e.g. MMSI's validation batch, under the batch's
+"extra" key) are the same on every host: replicated.
 
 On several hosts (a TPU pod, GPU nodes), one process runs per host, each joined with `initialize`;
 process 0 alone writes metrics, events and figures, and every process takes part in checkpoints.
@@ -15,8 +16,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmsi_jax.data.pipeline import EXTRA
+
 DATA_AXIS = "data"
-REPLICATED_KEYS = ("val_images", "val_labels")
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -56,9 +58,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Global arrays from this process's part of a batch: rows split over the mesh's data axis, except
-  the replicated keys, which every process holds whole."""
-  return {
-      key: jax.make_array_from_process_local_data(
-          replicated(mesh) if key in REPLICATED_KEYS else batch_sharded(mesh), value)
-      for key, value in local_batch.items()
-  }
+  the extra batches, which every process holds whole (replicated)."""
+  def put(sharding, tree):
+    return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value), tree)
+  return {key: put(replicated(mesh) if key == EXTRA else batch_sharded(mesh), value)
+          for key, value in local_batch.items()}

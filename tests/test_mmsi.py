@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from mmsi_jax import losses, mining, models, train
+from mmsi_jax import losses, mining, models, references, step
 from mmsi_jax.mining import memory as memory_lib
+from mmsi_jax.mining.mmsi import VALIDATION
 
 HPARAMS = dict(alpha=2.0, beta=10.0, base=0.5, epsilon=0.1)
 
@@ -54,13 +55,21 @@ def step_inputs(model, variables, rng, *, batch=12, classes=4, val=4, memory_row
   labels = jnp.arange(batch) % classes
   val_images = jax.random.normal(keys[1], (val, 4, 4, 3), jnp.float64)
   val_labels = jnp.arange(val) % classes
-  sim, sim_vjp, (pairs, features, embeddings, _) = train.batch_similarities(
-      model, variables["params"], variables.get("batch_stats", {}), images, labels)
-  weights = losses.pair_weights(losses.get_pair_loss("multi_similarity"), pairs, **HPARAMS)
+  refs = references.BatchReferences(classes)
+  components = step.Components(
+      model=model, loss_fn=losses.get_pair_loss("multi_similarity"), hparams=HPARAMS,
+      references=refs, miner=None, schedule=None, tx=None, lr_mults={}, normalization="symmetric")
+  state = step.TrainState(step=jnp.array(0), params={models.MODEL_PARAMS: variables["params"]},
+                          batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None)
+  sim, sim_vjp, (pairs, features, embeddings, _, _) = step.similarities(components, state, images,
+                                                                       labels)
+  weights = losses.pair_weights(components.loss_fn, pairs, **HPARAMS)
   inputs = mining.StepInputs(
-      step=jnp.array(0), params=variables["params"], batch_stats=variables.get("batch_stats", {}),
-      labels=labels, features=features, embeddings=embeddings, pairs=pairs, weights=weights,
-      sim_vjp=sim_vjp, val_images=val_images, val_labels=val_labels, learning_rate=jnp.array(0.1))
+      step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
+      features=features, embeddings=embeddings, pairs=pairs, weights=weights, sim_vjp=sim_vjp,
+      pairs_of=jax.tree_util.Partial(refs.pairs, None),
+      extras={VALIDATION: {"images": val_images, "labels": val_labels}},
+      learning_rate=jnp.array(0.1))
   memory = memory_lib.init("global", memory_rows, embeddings.shape[-1], dtype=jnp.float64)
   mem = jax.random.normal(keys[2], (memory_rows, embeddings.shape[-1]), jnp.float64)
   memory = memory_lib.enqueue(memory, models.l2_normalize(mem), jnp.arange(memory_rows) % classes)
@@ -78,8 +87,8 @@ def test_meta_gradients_match_finite_differences(scope):
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3), jnp.float64))
     variables = jax.tree.map(lambda x: x.astype(jnp.float64), variables)
     inputs, memory = step_inputs(model, variables, jax.random.PRNGKey(1))
-    miner = mining.get(mmsi_config(scope=scope), model, losses.get_pair_loss("multi_similarity"),
-                       HPARAMS, num_classes=4)
+    miner = mining.build(mmsi_config(scope=scope), model, losses.get_pair_loss("multi_similarity"),
+                         HPARAMS, num_classes=4)
     meta_loss = miner.meta_loss_fn(memory, inputs)
     assert np.count_nonzero(inputs.weights) > 10
 
@@ -90,7 +99,7 @@ def test_meta_gradients_match_finite_differences(scope):
     assert np.any(jax.jit(jax.grad(meta_loss))(at) != 0)
 
     # d L_meta / d phi through m = phi(pair features).
-    state = miner.init(jax.random.PRNGKey(3), embed_dim=6)
+    _, state = miner.init(jax.random.PRNGKey(3), embed_dim=6)
     net_params = jax.tree.map(lambda x: x.astype(jnp.float64), state.net_params)
     objective = jax.jit(lambda phi: meta_loss(miner.net_multipliers(phi, inputs.pairs, inputs.weights)))
     m = miner.net_multipliers(net_params, inputs.pairs, inputs.weights)
@@ -116,9 +125,9 @@ def test_l2rw_weights_equal_the_closed_form_for_a_linear_embedding():
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3), jnp.float64))
     variables = jax.tree.map(lambda x: x.astype(jnp.float64), variables)
     inputs, memory = step_inputs(model, variables, jax.random.PRNGKey(5))
-    miner = mining.get(mmsi_config(mode="l2rw", virtual_lr=alpha), model,
+    miner = mining.build(mmsi_config(mode="l2rw", virtual_lr=alpha), model,
                        losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=4)
-    state = miner.init(jax.random.PRNGKey(0), embed_dim=3).replace(memory=memory)
+    state = miner.init(jax.random.PRNGKey(0), embed_dim=3)[1].replace(memory=memory)
     got, _, _, fallback = jax.jit(miner._meta_step)(state, inputs)
 
     # Independently: dL_meta/dm_ij = -alpha <grad L_val(theta), W_ij grad S_ij(theta)> at m = 0,
@@ -126,10 +135,11 @@ def test_l2rw_weights_equal_the_closed_form_for_a_linear_embedding():
     kernel = np.asarray(variables["params"]["head"]["kernel"])
     x = np.asarray(inputs.features)
     e = x @ kernel
-    val_x = np.asarray(inputs.val_images).reshape(len(inputs.val_images), -1)
+    validation = inputs.extras[VALIDATION]
+    val_x = np.asarray(validation["images"]).reshape(len(validation["images"]), -1)
 
     def val_loss(k):
-      val = losses.build_pairs(jnp.asarray(val_x) @ k, inputs.val_labels,
+      val = losses.build_pairs(jnp.asarray(val_x) @ k, validation["labels"],
                                ref_embeddings=memory.embeddings, ref_labels=memory.labels,
                                ref_valid=memory.valid)
       return losses.get_pair_loss("multi_similarity")(val.sim, val.pos, val.neg, **HPARAMS)
@@ -152,10 +162,11 @@ def test_l2rw_falls_back_to_uniform_weights_when_no_pair_helps():
     inputs, memory = step_inputs(model, variables, jax.random.PRNGKey(5))
     # Every validation sample alone in its class and memory of other classes only: no positive, so the
     # meta loss is 0 and every meta-gradient is 0.
-    inputs = inputs._replace(val_labels=jnp.arange(4) + 100)
-    miner = mining.get(mmsi_config(mode="l2rw"), model, losses.get_pair_loss("multi_similarity"),
+    validation = {**inputs.extras[VALIDATION], "labels": jnp.arange(4) + 100}
+    inputs = inputs._replace(extras={VALIDATION: validation})
+    miner = mining.build(mmsi_config(mode="l2rw"), model, losses.get_pair_loss("multi_similarity"),
                        HPARAMS, num_classes=4)
-    state = miner.init(jax.random.PRNGKey(0), embed_dim=3).replace(memory=memory)
+    state = miner.init(jax.random.PRNGKey(0), embed_dim=3)[1].replace(memory=memory)
     m, state, _, fallback = jax.jit(miner._meta_step)(state, inputs)
   assert fallback and int(state.fallbacks) == 1
   np.testing.assert_array_equal(m, np.ones_like(m))
@@ -166,9 +177,9 @@ def test_warm_up_uses_plain_weights_until_the_memory_covers_every_class():
     model = LinearEmbedding()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3), jnp.float64))
     inputs, _ = step_inputs(model, variables, jax.random.PRNGKey(5))
-    miner = mining.get(mmsi_config(mode="l2rw", wait_for_coverage=True, memory_size=2), model,
+    miner = mining.build(mmsi_config(mode="l2rw", wait_for_coverage=True, memory_size=2), model,
                        losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=6)
-    state = miner.init(jax.random.PRNGKey(0), embed_dim=3)
+    _, state = miner.init(jax.random.PRNGKey(0), embed_dim=3)
     multipliers = jax.jit(miner.multipliers)
     m, state, metrics = multipliers(state, inputs)  # The batch holds classes 0-3 of 6.
     assert metrics["mmsi/ready"] == 0 and np.all(m == 1)

@@ -46,8 +46,8 @@ def assert_same_training(workdir, reference):
     # Reduction order differs between 1 and 4 devices, and Adam's normalisation amplifies that noise
     # in near-zero gradients; the parameters agree as a whole, not to the last bit.
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6
-  np.testing.assert_array_equal(state["miner_state"]["memory"]["labels"],
-                                expected_state["miner_state"]["memory"]["labels"])
+  np.testing.assert_array_equal(state["miner"]["memory"]["labels"],
+                                expected_state["miner"]["memory"]["labels"])
 
 
 def test_two_processes_of_two_devices_train_like_one_device(glyphs_dir, tmp_path, one_device_run):

@@ -121,7 +121,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
   if miner == "mmsi":  # The memory dictionary is part of the checkpoint and resumes exactly.
-    memory = state_b["miner_state"]["memory"]
+    memory = state_b["miner"]["memory"]
     assert 8 < np.asarray(memory["valid"]).sum() <= 100  # One slot per class seen (of 100).
   assert not os.path.exists(partial)
 
@@ -135,11 +135,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   def exploding(sim, pos, neg):
     return jnp.sum(jnp.where(pos, sim, 0.0)) * jnp.nan
 
-  monkeypatch.setitem(losses._PAIR_LOSSES, "exploding", exploding)
   config.loss.name = "exploding"
   config.loss.hparams = {}
   config.train.num_steps = 20
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 11.*checkpoint is step 10"):
+  with losses.PAIR_LOSSES.registered("exploding", exploding), pytest.raises(
+      train.NonFiniteLossError, match=r"non-finite at step 11.*checkpoint is step 10"):
     train.train_and_evaluate(config, workdir)
   assert latest_params(workdir)[0] == 10
 

@@ -17,7 +17,7 @@ put together are exactly the batch that one host would prepare.
 """
 
 import functools
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from absl import flags
 import grain
@@ -25,25 +25,28 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmsi_jax.data import cars196, cub200, glyphs, sop
-from mmsi_jax.data.sampler import PKSampler
+from mmsi_jax.data.sampler import ExtraBatch, PKSampler
 from mmsi_jax.data.transforms import decode_image
+from mmsi_jax.registry import Registry
 
-_BUILDERS = {
+EXTRA = "extra"  # The key of a train batch's extra batches (whole on every host and device).
+
+DATASETS = Registry("dataset")
+for _name, _builder_class in {
     "glyphs": glyphs.Glyphs,
     "cub200": cub200.Cub200,
     "cars196": cars196.Cars196,
     "sop": sop.StanfordOnlineProducts,
-}
+}.items():
+  DATASETS.register(_name)(_builder_class)
 
 
 def names() -> list[str]:
-  return sorted(_BUILDERS)
+  return DATASETS.names()
 
 
 def _builder(name: str, data_dir: str):
-  if name not in _BUILDERS:
-    raise KeyError(f"Unknown dataset {name!r}; known datasets: {', '.join(names())}.")
-  return _BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  return DATASETS.get(name)(data_dir=data_dir, file_format="array_record")
 
 
 def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> dict:
@@ -120,32 +123,35 @@ def _load(source, indices: np.ndarray, rows: range, transform: Callable, seed: i
 
 
 def _pk_batch(step: int, *, source, sampler: PKSampler, transform: Callable, seed: int,
-              rows: range, validation_classes: int) -> dict:
+              rows: range, extra_batches: Sequence[ExtraBatch]) -> dict:
   indices = sampler.batch_indices(step)[rows.start:rows.stop]
   images, labels = _load(source, indices, rows, transform, seed, step)
   batch = {"images": images, "labels": labels}
-  if validation_classes:  # The same on every host; its rows follow the global batch's.
-    val_rows = range(sampler.batch_size, sampler.batch_size + validation_classes)
-    batch["val_images"], batch["val_labels"] = _load(
-        source, sampler.validation_indices(step, validation_classes), val_rows, transform, seed,
-        step)
+  first_row = sampler.batch_size  # Extra batches are whole on every host; their rows follow the batch.
+  for stream, request in enumerate(extra_batches):
+    extra_rows = range(first_row, first_row + request.num_classes)
+    extra_images, extra_labels = _load(
+        source, sampler.extra_indices(step, request.num_classes, stream), extra_rows, transform,
+        seed, step)
+    batch.setdefault(EXTRA, {})[request.name] = {"images": extra_images, "labels": extra_labels}
+    first_row = extra_rows.stop
   return batch
 
 
 def train_batches(source, sampler: PKSampler, *, transform: Callable, start_step: int,
-                  num_steps: int, seed: int, validation_classes: int = 0, num_threads: int = 4,
-                  num_workers: int = 0, prefetch: int = 8, host_index: int = 0,
-                  host_count: int = 1) -> Iterator[dict]:
+                  num_steps: int, seed: int, extra_batches: Sequence[ExtraBatch] = (),
+                  num_threads: int = 4, num_workers: int = 0, prefetch: int = 8,
+                  host_index: int = 0, host_count: int = 1) -> Iterator[dict]:
   """This host's part of the batches for steps start_step .. num_steps - 1:
-  {"images": [B / host_count, H, W, 3] uint8, "labels": [B / host_count] int32}, and with
-  validation_classes = V > 0 the step's whole validation batch {"val_images": [V, ...], "val_labels"}.
+  {"images": [B / host_count, H, W, 3] uint8, "labels": [B / host_count] int32}, and, when components
+  asked for extra batches, each of them whole under batch[EXTRA][name] = {"images": [V, ...], "labels"}.
 
   Every batch (indices and augmentation) is a pure function of (seed, step). `source` holds encoded
   images (load_split(..., decode_images=False)); `transform(encoded, rng)` -> [H, W, 3] uint8.
   """
   load = functools.partial(_pk_batch, source=source, sampler=sampler, transform=transform, seed=seed,
                            rows=host_rows(sampler.batch_size, host_index, host_count),
-                           validation_classes=validation_classes)
+                           extra_batches=tuple(extra_batches))
   dataset = grain.MapDataset.range(start_step, num_steps).map(load).to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if num_workers > 0:

@@ -3,10 +3,11 @@
 Batch `step` depends on nothing but the seed and the step number, so a run resumed at step t draws
 exactly the batches an uninterrupted run would, and batches can be prepared in any order by any worker.
 
-Validation batches (for meta-learning miners such as MMSI): V distinct training classes x 1 image, also a
-pure function of (seed, step). By default they are drawn from the training images themselves (as the
-MMSI authors do); with `held_out_fraction` > 0, that fraction of each class's images (at least one,
-leaving at least two for training) is held out of the PK batches and validation draws only from it.
+Extra batches (what a component asks for besides the PK batch, `ExtraBatch`; MMSI's validation batch):
+V distinct training classes x 1 image, also a pure function of (seed, step). By default they are drawn
+from the training images themselves (as the MMSI authors do); with `held_out_fraction` > 0, that fraction
+of each class's images (at least one, leaving at least two for training) is held out of the PK batches
+and extra batches draw only from it.
 
 Small classes. A class with fewer than K images (but at least 2) fills its K slots by drawing its images
 with replacement, so an image can appear twice in a batch (as two augmented views). A class with a single
@@ -14,9 +15,35 @@ image gives no positive pair and is never drawn. Both cases are reported once, w
 if fewer than P classes remain, building the sampler fails with an error that says what to change.
 """
 
+import dataclasses
 import logging
+from typing import Sequence
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraBatch:
+  """A batch that a component needs every step besides the PK batch.
+
+  Attributes:
+    name: its key among the step's extra batches.
+    num_classes: V distinct training classes, one image each.
+    held_out_fraction: share of each class's images reserved for it and kept out of the PK batches (0:
+      drawn from the training images).
+  """
+  name: str
+  num_classes: int
+  held_out_fraction: float = 0.0
+
+
+def held_out_fraction(requests: Sequence[ExtraBatch]) -> float:
+  """The share of each class the PK sampler must hold out for `requests` (they must agree)."""
+  fractions = {r.held_out_fraction for r in requests if r.held_out_fraction > 0}
+  if len(fractions) > 1:
+    raise ValueError(f"Extra batches ask for different held-out shares {sorted(fractions)}; one "
+                     f"sampler holds out one share.")
+  return fractions.pop() if fractions else 0.0
 
 
 class PKSampler:
@@ -27,7 +54,7 @@ class PKSampler:
     classes_per_batch: P.
     samples_per_class: K.
     seed: the sampling seed.
-    held_out_fraction: fraction of each class's images reserved for validation batches (0: none).
+    held_out_fraction: fraction of each class's images reserved for extra batches (0: none).
   """
 
   def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int,
@@ -78,11 +105,12 @@ class PKSampler:
       indices.append(rng.choice(members, self.samples_per_class, replace=replace))
     return np.concatenate(indices)
 
-  def validation_indices(self, step: int, num_classes: int) -> np.ndarray:
-    """Example indices [V] of validation batch `step`: V distinct classes, one image each."""
+  def extra_indices(self, step: int, num_classes: int, stream: int = 0) -> np.ndarray:
+    """Example indices [V] of extra batch number `stream` at `step`: V distinct classes, one image
+    each (from the held-out images, if any)."""
     if num_classes > len(self._validation_members):
-      raise ValueError(f"Validation batches of V={num_classes} classes need as many classes with "
-                       f"validation images; there are {len(self._validation_members)}.")
-    rng = np.random.default_rng([self.seed, step, 2])
+      raise ValueError(f"Extra batches of V={num_classes} classes need as many classes with images "
+                       f"for them; there are {len(self._validation_members)}.")
+    rng = np.random.default_rng([self.seed, step, 2 + stream])
     picked = rng.choice(len(self._validation_members), num_classes, replace=False)
     return np.array([rng.choice(self._validation_members[c]) for c in picked])

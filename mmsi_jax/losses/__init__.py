@@ -1,13 +1,16 @@
 """Metric-learning losses, found by name.
 
 Every loss is a function `loss(S, pos, neg, **hparams) -> scalar` of a similarity matrix and two masks
-(the unified form, `pairs`), with its hyperparameters keyword-only. Two tables differ in what the columns
-of S are:
+(the unified form, `pairs`), with its hyperparameters keyword-only. Two registries differ in what the
+columns of S are:
 
-- pair losses (`names()`, `get_pair_loss`): the references are the batch itself and optional extra rows
-  such as a memory (`build_pairs`). These are the losses a miner re-weights and the train loop runs.
-- proxy losses (`proxy_names()`, `get_proxy_loss`): the columns are C learnable class proxies and the
-  rows the samples (`build_proxy_pairs`).
+- pair losses (`PAIR_LOSSES`, `names()`): the references are the batch itself and optional extra rows
+  such as a memory (`build_pairs`).
+- proxy losses (`PROXY_LOSSES`, `proxy_names()`): the columns are C learnable class proxies and the rows
+  the samples (`build_proxy_pairs`).
+
+The trainer runs either kind; which columns S has is the choice of the references component
+(mmsi_jax/references, docs/ARCHITECTURE.md).
 
 `get(name)` serves both tables with one embedding-level call,
 
@@ -32,49 +35,61 @@ from mmsi_jax.losses.pairs import (Pairs, build_pairs, build_proxy_pairs, loss_a
                                    pair_weights, weighted_pair_loss)
 from mmsi_jax.losses.proxies import arcface, cosface, norm_softmax, proxy_anchor, proxy_nca
 from mmsi_jax.losses.triplet import triplet
+from mmsi_jax.registry import Registry
 
-_PAIR_LOSSES = {
+PAIR_LOSSES = Registry("pair loss")
+for _name, _loss in {
     "binomial_deviance": binomial_deviance,
     "contrastive": contrastive,
     "lifted_structure": lifted_structure,
     "multi_similarity": multi_similarity,
     "ntxent": ntxent,
     "triplet": triplet,
-}
+}.items():
+  PAIR_LOSSES.register(_name)(_loss)
 
-_PROXY_LOSSES = {
+PROXY_LOSSES = Registry("proxy loss")
+for _name, _loss in {
     "arcface": arcface,
     "cosface": cosface,
     "norm_softmax": norm_softmax,
     "proxy_anchor": proxy_anchor,
     "proxy_nca": proxy_nca,
-}
+}.items():
+  PROXY_LOSSES.register(_name)(_loss)
 
 
 def names() -> list[str]:
   """The pair losses: the batch (and memory) as references."""
-  return sorted(_PAIR_LOSSES)
+  return PAIR_LOSSES.names()
 
 
 def proxy_names() -> list[str]:
   """The proxy losses: class proxies as references."""
-  return sorted(_PROXY_LOSSES)
+  return PROXY_LOSSES.names()
 
 
-def _lookup(table: dict, name: str, kind: str):
-  if name not in table:
-    raise KeyError(f"Unknown {kind} loss {name!r}; known {kind} losses: {', '.join(sorted(table))}.")
-  return table[name]
+def is_proxy_loss(name: str) -> bool:
+  return name in PROXY_LOSSES
 
 
 def get_pair_loss(name: str):
   """The pair loss `name` as a function of (S [B, M], pos [B, M], neg [B, M], **hparams)."""
-  return _lookup(_PAIR_LOSSES, name, "pair")
+  return PAIR_LOSSES.get(name)
 
 
 def get_proxy_loss(name: str):
   """The proxy loss `name` as a function of (S [N, C], pos [N, C], neg [N, C], **hparams)."""
-  return _lookup(_PROXY_LOSSES, name, "proxy")
+  return PROXY_LOSSES.get(name)
+
+
+def registry_of(name: str) -> Registry:
+  """The registry (pair or proxy losses) that holds loss `name`."""
+  if name in PROXY_LOSSES:
+    return PROXY_LOSSES
+  if name in PAIR_LOSSES:
+    return PAIR_LOSSES
+  raise KeyError(f"Unknown loss {name!r}; known losses: {', '.join(names() + proxy_names())}.")
 
 
 def _embedding_loss(loss_fn, uses_proxies: bool, embeddings: jax.Array, labels: jax.Array, *,
@@ -96,17 +111,13 @@ def _embedding_loss(loss_fn, uses_proxies: bool, embeddings: jax.Array, labels: 
 
 def get(name: str):
   """The loss `name` (pair or proxy) as a function of embeddings [B, D] and labels [B] (see above)."""
-  if name in _PROXY_LOSSES:
-    return functools.partial(_embedding_loss, _PROXY_LOSSES[name], True)
-  if name in _PAIR_LOSSES:
-    return functools.partial(_embedding_loss, _PAIR_LOSSES[name], False)
-  raise KeyError(f"Unknown loss {name!r}; known losses: {', '.join(names() + proxy_names())}.")
+  return functools.partial(_embedding_loss, registry_of(name).get(name), is_proxy_loss(name))
 
 
 __all__ = [
     "Pairs", "arcface", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
-    "cosface", "get", "get_pair_loss", "get_proxy_loss", "lifted_structure", "loss_and_pair_weights",
-    "multi_similarity",
-    "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_weights", "proxy_anchor",
-    "proxy_names", "proxy_nca", "triplet", "weighted_pair_loss",
+    "cosface", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss", "lifted_structure",
+    "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_weights", "proxy_anchor",
+    "proxy_names", "proxy_nca", "registry_of", "triplet", "weighted_pair_loss", "PAIR_LOSSES",
+    "PROXY_LOSSES",
 ]

@@ -1,31 +1,49 @@
 """Miners: per-pair multipliers m [B, M] that re-weight any pair loss's gradient (DESIGN.md section 3).
 
-A miner has `init(rng, embed_dim) -> state` and `multipliers(state, inputs) -> (m, state, metrics)`,
-pure and jittable; its state lives in the TrainState (`miner_state`). `get(config.miner, ...)` builds
-the miner named by `config.miner.name`, or returns None for "none" (the loss's own weights, m = 1).
+A miner, found by name in `MINERS` (config `miner.name`, settings under `miner.<name>`), is an object
+with pure, jittable methods:
+
+  extra_batches                               the data it needs besides the PK batch, as
+                                              data.sampler.ExtraBatch requests (MMSI: a validation
+                                              batch); the input pipeline serves them every step, whole
+                                              on every device, in StepInputs.extras
+  init(rng, embed_dim) -> (params, state)     parameter groups it adds to TrainState.params (trained
+                                              by the model optimizer) and its own state, kept in
+                                              TrainState.miner
+  multipliers(state, inputs) -> (m, state, metrics)
+                                              m [B, M] >= 0 for the step's pairs (StepInputs)
+
+The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij. "none" is no miner (m = 1: the loss's own
+gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
 """
+
+from typing import Callable, Optional
 
 import ml_collections
 
 from mmsi_jax.mining import memory
-from mmsi_jax.mining.mmsi import MMSI, StepInputs
+from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.mining.mmsi import MMSI
+from mmsi_jax.registry import Registry
 
-_MINERS = {
-    "mmsi": MMSI,
-}
+MINERS = Registry("miner")
+MINERS.register("mmsi")(MMSI)
+
+NONE = "none"
+CONTEXT = ("model", "pair_loss", "hparams", "num_classes")
 
 
 def names() -> list[str]:
-  return ["none", *sorted(_MINERS)]
+  return [NONE, *MINERS.names()]
 
 
-def get(config: ml_collections.ConfigDict, model, pair_loss, hparams: dict, num_classes: int):
-  """The miner `config.name` configured by `config[config.name]`, or None for "none"."""
-  if config.name == "none":
+def build(config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams: dict,
+          num_classes: int) -> Optional[object]:
+  """The miner `config.name` with its settings `config[config.name]`, or None for "none"."""
+  if config.name == NONE:
     return None
-  if config.name not in _MINERS:
-    raise KeyError(f"Unknown miner {config.name!r}; known miners: {', '.join(names())}.")
-  return _MINERS[config.name](config[config.name], model, pair_loss, hparams, num_classes)
+  return MINERS.build(config.name, config.get(config.name, {}), where=f"miner.{config.name}",
+                      model=model, pair_loss=pair_loss, hparams=hparams, num_classes=num_classes)
 
 
-__all__ = ["MMSI", "StepInputs", "get", "memory", "names"]
+__all__ = ["CONTEXT", "MINERS", "MMSI", "NONE", "StepInputs", "build", "memory", "names"]

@@ -52,11 +52,13 @@ def init(layout: str, size: int, embed_dim: int, num_classes: Optional[int] = No
   )
 
 
-def enqueue(memory: Memory, embeddings: jax.Array, labels: jax.Array) -> Memory:
+def enqueue(memory: Memory, embeddings: jax.Array, labels: jax.Array,
+            write: jax.Array | bool = True) -> Memory:
   """Writes a batch [B, D] with labels [B] over the oldest slots (of its class, for per_class).
 
   Within a batch, later samples count as newer. When a batch holds more samples of a class than the
   class has slots (or more than `size` samples in all, for global), only the newest are kept.
+  With `write` false (a traced bool may decide), the memory is returned unchanged: no copy is made.
   """
   embeddings = jax.lax.stop_gradient(embeddings).astype(memory.embeddings.dtype)
   labels = labels.astype(jnp.int32)
@@ -70,19 +72,30 @@ def enqueue(memory: Memory, embeddings: jax.Array, labels: jax.Array) -> Memory:
     count = jnp.sum(same, axis=1, dtype=jnp.int32)
     keep = count - rank <= size  # The newest `size` samples of each class.
     slot = labels * size + (memory.heads[labels] + rank) % size
-    heads = memory.heads.at[labels].add(jnp.where(rank == 0, count, 0))
+    heads = memory.heads.at[labels].add(jnp.where((rank == 0) & write, count, 0))
   else:
     size = slots
     keep = batch - jnp.arange(batch) <= size
     slot = (memory.heads[0] + jnp.arange(batch)) % size
-    heads = memory.heads + batch
-  slot = jnp.where(keep, slot, slots)  # Out of range: dropped by the scatter.
+    heads = memory.heads + jnp.where(write, batch, 0)
+  slot = jnp.where(keep & write, slot, slots)  # Out of range: dropped by the scatter.
   return memory.replace(
       embeddings=memory.embeddings.at[slot].set(embeddings, mode="drop"),
       labels=memory.labels.at[slot].set(labels, mode="drop"),
       valid=memory.valid.at[slot].set(True, mode="drop"),
       heads=heads,
   )
+
+
+def newest_slots(memory: Memory, count: int) -> tuple[jax.Array, jax.Array]:
+  """Global layout: (slots [count], still_there [count]) of the last `count` rows written, oldest
+  first; a row is no longer there when `size` or more rows were written after it."""
+  if memory.per_class:
+    raise ValueError("newest_slots needs a global memory.")
+  size = memory.labels.shape[0]
+  age = count - 1 - jnp.arange(count)  # Rows written after each one.
+  written = memory.heads[0] - 1 - age
+  return written % size, (age < size) & (written >= 0)
 
 
 def covered_classes(memory: Memory, num_classes: int) -> jax.Array:

@@ -31,7 +31,7 @@ Warm-up: until the dictionary covers every training class (authors) and `warmup_
 steps use m = 1 (the plain loss) and only fill the dictionary.
 """
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -41,11 +41,15 @@ import ml_collections
 import optax
 
 from mmsi_jax import losses
+from mmsi_jax.data.sampler import ExtraBatch
 from mmsi_jax.mining import memory as memory_lib
-from mmsi_jax.models import HEAD
+from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.models import HEAD, MODEL_PARAMS
 
 MODES = ("weighting_net", "l2rw")
 SCOPES = ("all", "head")
+VALIDATIONS = ("train_classes", "held_out")
+VALIDATION = "validation"  # The name of the validation batch among the step's extra batches.
 
 
 class WeightingNet(nn.Module):
@@ -75,33 +79,6 @@ class MMSIState:
   fallbacks: jax.Array
 
 
-class StepInputs(NamedTuple):
-  """What the train step hands a miner.
-
-  Attributes:
-    step: number of completed steps before this one.
-    params, batch_stats: model variables before the update.
-    labels: [B] labels of the training batch.
-    features: [B, F] backbone features of the batch; embeddings: [B, D].
-    pairs: the batch's Pairs; weights: W = dL/dS [B, M].
-    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient w.r.t. params,).
-    val_images: [V, H, W, 3] normalised validation images; val_labels: [V].
-    learning_rate: the model's current learning rate.
-  """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  labels: jax.Array
-  features: jax.Array
-  embeddings: jax.Array
-  pairs: losses.Pairs
-  weights: jax.Array
-  sim_vjp: Callable
-  val_images: jax.Array
-  val_labels: jax.Array
-  learning_rate: jax.Array
-
-
 def pair_features(pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
   """Inputs of phi [B, M, 4]: S_ij, W_ij / max|W|, +1 positive / -1 negative, and the pair's rank among
   its anchor's valid pairs by decreasing similarity, scaled to [0, 1]."""
@@ -116,60 +93,79 @@ def pair_features(pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
 
 
 class MMSI:
-  """The MMSI miner: `init(rng, embed_dim)` and `multipliers(state, inputs)`, pure and jittable.
+  """The MMSI miner (the miner interface: mmsi_jax/mining/__init__.py), pure and jittable.
 
   Args:
-    config: the `miner.mmsi` config (see configs/default.py).
     model: the embedding model (features / embed methods, head parameters under "head").
     pair_loss, hparams: the loss family, used unweighted for the meta loss.
     num_classes: number of training classes (labels are 0 .. num_classes - 1).
+    The keyword-only settings are the `miner.mmsi` config, documented in configs/default.py.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams: dict,
-               num_classes: int):
-    if config.mode not in MODES:
-      raise ValueError(f"miner.mmsi.mode={config.mode!r} is not one of {MODES}.")
-    if config.scope not in SCOPES:
-      raise ValueError(f"miner.mmsi.scope={config.scope!r} is not one of {SCOPES}.")
-    self.config = config
+  def __init__(self, model, pair_loss: Callable, hparams: dict, num_classes: int, *, mode: str,
+               scope: str, virtual_lr: float, validation: str, validation_classes: int,
+               held_out_fraction: float, memory_layout: str, memory_size: int,
+               wait_for_coverage: bool, warmup_steps: int, net_hidden: Sequence[int],
+               net_learning_rate: float):
+    if mode not in MODES:
+      raise ValueError(f"miner.mmsi.mode={mode!r} is not one of {MODES}.")
+    if scope not in SCOPES:
+      raise ValueError(f"miner.mmsi.scope={scope!r} is not one of {SCOPES}.")
+    if validation not in VALIDATIONS:
+      raise ValueError(f"miner.mmsi.validation={validation!r} is not one of {VALIDATIONS}.")
+    if validation_classes < 2:
+      raise ValueError("miner.mmsi.validation_classes must be at least 2 (the meta loss needs "
+                       "negatives).")
+    self.config = ml_collections.ConfigDict(dict(
+        mode=mode, scope=scope, virtual_lr=virtual_lr, memory_layout=memory_layout,
+        memory_size=memory_size, wait_for_coverage=wait_for_coverage, warmup_steps=warmup_steps))
     self.model = model
     self.pair_loss = pair_loss
     self.hparams = hparams
     self.num_classes = num_classes
-    self.net = WeightingNet(tuple(config.net_hidden))
-    self.net_tx = optax.adam(config.net_learning_rate)
+    self.net = WeightingNet(tuple(net_hidden))
+    self.net_tx = optax.adam(net_learning_rate)
+    # The validation batch of the meta loss: V classes x 1 image, from the training images or from a
+    # held-out share of each class.
+    self.extra_batches = (ExtraBatch(
+        VALIDATION, validation_classes,
+        held_out_fraction=held_out_fraction if validation == "held_out" else 0.0),)
 
-  def init(self, rng: jax.Array, embed_dim: int) -> MMSIState:
+  def init(self, rng: jax.Array, embed_dim: int):
     memory = memory_lib.init(self.config.memory_layout, self.config.memory_size, embed_dim,
                              self.num_classes)
     net_params, net_opt_state = {}, {}
     if self.config.mode == "weighting_net":
       net_params = self.net.init(rng, jnp.zeros((1, 1, 4)))
       net_opt_state = self.net_tx.init(net_params)
-    return MMSIState(memory=memory, net_params=net_params, net_opt_state=net_opt_state,
-                     fallbacks=jnp.zeros((), jnp.int32))
+    return {}, MMSIState(memory=memory, net_params=net_params, net_opt_state=net_opt_state,
+                         fallbacks=jnp.zeros((), jnp.int32))
 
   def _scoped_problem(self, inputs: StepInputs):
     """(theta_scope, grad_of(cotangent) -> d(sum cot * S)/dtheta_scope, embed_validation(theta_scope))."""
-    variables = {"params": inputs.params, "batch_stats": inputs.batch_stats}
+    model_params = inputs.params[MODEL_PARAMS]
+    variables = {"params": model_params, "batch_stats": inputs.batch_stats}
+    val_images = inputs.extras[VALIDATION]["images"]
     if self.config.scope == "all":
       def embed_validation(params):
-        return self.model.apply({**variables, "params": params}, inputs.val_images, train=False)
+        return self.model.apply({**variables, "params": params[MODEL_PARAMS]}, val_images,
+                                train=False)
       return inputs.params, lambda cot: inputs.sim_vjp(cot)[0], embed_validation
 
     features = jax.lax.stop_gradient(inputs.features)
     val_features = jax.lax.stop_gradient(self.model.apply(
-        variables, inputs.val_images, train=False, method="features"))
+        variables, val_images, train=False, method="features"))
 
     def embed_with_head(head, x):
-      return self.model.apply({**variables, "params": {**inputs.params, HEAD: head}}, x,
+      return self.model.apply({**variables, "params": {**model_params, HEAD: head}}, x,
                               method="embed")
 
     def batch_sim(head):
-      return losses.build_pairs(embed_with_head(head, features), inputs.labels).sim
+      params = {**inputs.params, MODEL_PARAMS: {**model_params, HEAD: head}}
+      return inputs.pairs_of(params, embed_with_head(head, features), inputs.labels).sim
 
-    _, head_vjp = jax.vjp(batch_sim, inputs.params[HEAD])
-    return (inputs.params[HEAD], lambda cot: head_vjp(cot)[0],
+    _, head_vjp = jax.vjp(batch_sim, model_params[HEAD])
+    return (model_params[HEAD], lambda cot: head_vjp(cot)[0],
             lambda head: embed_with_head(head, val_features))
 
   def _alpha(self, inputs: StepInputs) -> jax.Array:
@@ -178,7 +174,7 @@ class MMSI:
   def _validation_loss(self, memory: memory_lib.Memory, inputs: StepInputs, embed_validation):
     """theta_scope -> L_val: the validation batch against the dictionary, unweighted."""
     def validation_loss(theta):
-      val = losses.build_pairs(embed_validation(theta), inputs.val_labels,
+      val = losses.build_pairs(embed_validation(theta), inputs.extras[VALIDATION]["labels"],
                                ref_embeddings=memory.embeddings, ref_labels=memory.labels,
                                ref_valid=memory.valid)
       return self.pair_loss(val.sim, val.pos, val.neg, **self.hparams)

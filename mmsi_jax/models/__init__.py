@@ -3,27 +3,28 @@
 `embed` methods and the head's parameters under "head" (see models/embedding.py)."""
 
 from mmsi_jax.models.bn_inception import bn_inception
-from mmsi_jax.models.embedding import HEAD, EmbeddingNet, global_pool, l2_normalize
+from mmsi_jax.models.embedding import HEAD, MODEL_PARAMS, EmbeddingNet, global_pool, l2_normalize
 from mmsi_jax.models.resnet import resnet18, resnet50
 from mmsi_jax.models.small_cnn import small_cnn
+from mmsi_jax.registry import Registry
 
-_MODELS = {
+MODELS = Registry("model")
+for _name, _factory in {
     "bn_inception": bn_inception,
     "small_cnn": small_cnn,
     "resnet18": resnet18,
     "resnet50": resnet50,
-}
+}.items():
+  MODELS.register(_name)(_factory)
 
 
 def names() -> list[str]:
-  return sorted(_MODELS)
+  return MODELS.names()
 
 
 def get(name: str, **kwargs) -> EmbeddingNet:
   """Builds the model `name` with the given settings (e.g. embed_dim)."""
-  if name not in _MODELS:
-    raise KeyError(f"Unknown model {name!r}; known models: {', '.join(names())}.")
-  return _MODELS[name](**kwargs)
+  return MODELS.build(name, kwargs, where="model")
 
 
-__all__ = ["HEAD", "EmbeddingNet", "get", "global_pool", "l2_normalize", "names"]
+__all__ = ["HEAD", "MODEL_PARAMS", "MODELS", "EmbeddingNet", "get", "global_pool", "l2_normalize", "names"]

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 HEAD = "head"  # Name of the embedding head's parameters in every model.
+MODEL_PARAMS = "model"  # The model's parameter group in the TrainState's params (beside e.g. proxies).
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

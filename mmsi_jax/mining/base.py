@@ -1,0 +1,40 @@
+"""What the train step hands a miner (the miner interface: mmsi_jax/mining/__init__.py)."""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from mmsi_jax import losses
+
+
+class StepInputs(NamedTuple):
+  """One step's values that a miner may read.
+
+  Attributes:
+    step: number of completed steps before this one.
+    params: every parameter group before the update ({"model": ..., and e.g. "proxies"}).
+    batch_stats: BatchNorm statistics before the update.
+    labels: [B] labels of the training batch.
+    features: [B, F] backbone features of the batch; embeddings: [B, D].
+    pairs: the step's Pairs [B, M] (the columns the references component supplies).
+    weights: W = dL/dS [B, M] of the step's objective.
+    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,).
+    pairs_of: (params, embeddings [B, D], labels [B]) -> Pairs, how this step builds S from the
+      batch's embeddings (e.g. to differentiate S through the embedding head alone); a
+      jax.tree_util.Partial, so StepInputs can cross a jit boundary.
+    extras: the extra batches the miner asked for (its `extra_batches`), by name:
+      {"images": [V, H, W, 3] normalised, "labels": [V]}.
+    learning_rate: the model's learning rate at this step.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  labels: jax.Array
+  features: jax.Array
+  embeddings: jax.Array
+  pairs: losses.Pairs
+  weights: jax.Array
+  sim_vjp: Callable
+  pairs_of: Callable
+  extras: dict
+  learning_rate: jax.Array

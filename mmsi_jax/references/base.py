@@ -1,0 +1,27 @@
+"""What every references component inherits: no parameters, no state, one loss over all of S."""
+
+import jax
+
+from mmsi_jax import losses
+
+
+class References:
+  """The defaults of the interface (see mmsi_jax/references/__init__.py); subclasses set `kind` and
+  `pairs`, and override what they own."""
+  kind: str
+
+  def init(self, rng: jax.Array, embed_dim: int):
+    del rng, embed_dim
+    return {}, None
+
+  def update(self, state, params, embeddings: jax.Array, labels: jax.Array, step: jax.Array):
+    del params, embeddings, labels, step
+    return state
+
+  def pairs(self, state, params, embeddings: jax.Array, labels: jax.Array) -> losses.Pairs:
+    raise NotImplementedError
+
+  def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict):
+    """(L, metrics): the loss over all of S."""
+    del state, step
+    return loss_fn(pairs.sim, pairs.pos, pairs.neg, **hparams), {}

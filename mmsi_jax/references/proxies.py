@@ -1,0 +1,62 @@
+"""Class proxies: C learnable vectors, one per training class, the columns of a proxy loss.
+
+The proxies [C, D] are a parameter group of their own, `params["proxies"]`, trained by the model
+optimizer with the learning-rate multiplier `optim.lr_mults.proxies` (Proxy-Anchor and MemVir train
+them at 100x the model's rate). The losses L2-normalise them (`losses.build_proxy_pairs`), so only their
+directions matter; their initial scale sets how fast Adam turns them. Initialisations, as in the
+authors' code (docs/METHODS.md):
+
+  normal            N(0, std^2) entries, std = `init_std` (ProxyNCA++ draws randn / 8)
+  kaiming_fan_out   N(0, 2 / C): torch's kaiming_normal_(mode="fan_out") of a [C, D] tensor, as
+                    Proxy-Anchor (Kim et al., CVPR 2020) initialises its proxies
+  xavier_uniform    U(-a, a), a = sqrt(6 / (C + D)), torch's xavier_uniform_ (CosFace / ArcFace
+                    classifier weights in common implementations)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mmsi_jax import losses
+from mmsi_jax.references.base import References
+
+PROXY_PARAMS = "proxies"  # The proxies' parameter group in TrainState.params (and in optim.lr_mults).
+INITS = ("normal", "kaiming_fan_out", "xavier_uniform")
+
+
+def init_proxies(rng: jax.Array, num_classes: int, embed_dim: int, init: str,
+                 init_std: float = 1.0) -> jax.Array:
+  """Proxies [C, D] drawn as `init` says (see the module docstring)."""
+  shape = (num_classes, embed_dim)
+  if init == "normal":
+    return init_std * jax.random.normal(rng, shape)
+  if init == "kaiming_fan_out":
+    return jnp.sqrt(2.0 / num_classes) * jax.random.normal(rng, shape)
+  if init == "xavier_uniform":
+    limit = jnp.sqrt(6.0 / (num_classes + embed_dim))
+    return jax.random.uniform(rng, shape, minval=-limit, maxval=limit)
+  raise ValueError(f"references.proxies.init={init!r} is not one of {INITS}.")
+
+
+class ClassProxies(References):
+  """S [B, C] of the batch against the L2-normalised proxies, the proxy loss over it; no state.
+
+  Args:
+    num_classes: C, the training classes (labels 0 .. C - 1).
+    init, init_std: how the proxies are drawn (module docstring).
+  """
+  kind = "proxy"
+
+  def __init__(self, num_classes: int, *, init: str = "kaiming_fan_out", init_std: float = 1.0):
+    if init not in INITS:
+      raise ValueError(f"references.proxies.init={init!r} is not one of {INITS}.")
+    self.num_classes = num_classes
+    self.init_name = init
+    self.init_std = init_std
+
+  def init(self, rng: jax.Array, embed_dim: int):
+    proxies = init_proxies(rng, self.num_classes, embed_dim, self.init_name, self.init_std)
+    return {PROXY_PARAMS: proxies}, None
+
+  def pairs(self, state, params, embeddings: jax.Array, labels: jax.Array) -> losses.Pairs:
+    del state
+    return losses.build_proxy_pairs(embeddings, labels, params[PROXY_PARAMS])

@@ -1,0 +1,229 @@
+"""One training step: the TrainState, the optimizer, and the jitted step, built from a config.
+
+The step (docs/ARCHITECTURE.md draws it): embed the batch; the references component takes in the
+detached batch (`update`) and supplies the columns of S(params) [B, M] (`pairs`); its objective gives
+the loss and the pair weights W = dL/dS; a miner may multiply W by m [B, M]; the gradient of the
+weighted pair sum L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, the VJP of S(params) with the cotangent
+m * W, updates every parameter group (the model's, the proxies, ...). Without a miner m = 1 and it is the
+objective's own gradient.
+
+`build(config, num_classes)` makes the components from a config and `make_train_step` the jitted step;
+the trainer (train.py) and the benchmarks (bench/) both go through them.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmsi_jax import losses, mining, models, parallel, references
+from mmsi_jax.data import transforms
+from mmsi_jax.data.pipeline import EXTRA
+from mmsi_jax.losses.masked import masked_mean
+from mmsi_jax.models import MODEL_PARAMS
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed whole.
+
+  Attributes:
+    step: number of completed steps.
+    params: parameter groups trained by the optimizer: {"model": the network's, and those of the
+      references component or the miner, e.g. "proxies": [C, D]}.
+    batch_stats: BatchNorm running statistics.
+    opt_state: optax state of the optimizer.
+    rng: PRNG key, advanced every step.
+    references: the references component's state (e.g. XBM's memory), None when it has none.
+    miner: the miner's state (e.g. MMSI's dictionary and weighting net), None without one.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  references: Any = None
+  miner: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+  """What a step is made of, built from a config by `build`."""
+  model: Any
+  loss_fn: Callable  # S-level loss (S, pos, neg, **hparams) -> scalar, pair or proxy.
+  hparams: dict
+  references: Any
+  miner: Optional[Any]
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  lr_mults: dict
+  normalization: str
+
+  @property
+  def extra_batches(self) -> tuple:
+    """The extra batches the miner asks the input pipeline for."""
+    return tuple(getattr(self.miner, "extra_batches", ()))
+
+
+def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Learning rate by step: linear warm-up from 0, then constant or cosine decay to 0."""
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate, max(optim.warmup_steps, 1), num_steps, end_value=0.0)
+  return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def lr_multiplier(path: str, lr_mults: Mapping[str, float]) -> float:
+  """The multiplier of the parameter at `path` ("proxies", "model/head/kernel"): that of the longest
+  key of lr_mults that is the path or a prefix of it ending at a "/", else 1."""
+  matches = [key for key in lr_mults if path == key or path.startswith(key + "/")]
+  return float(lr_mults[max(matches, key=len)]) if matches else 1.0
+
+
+def scale_by_lr_multipliers(lr_mults: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its `lr_multiplier`: with Adam and L2 weight decay (or
+  AdamW) that is torch's per-group learning rate, decay included."""
+  def scale(updates, params):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * lr_multiplier(_path_name(path), lr_mults), updates)
+  return optax.stateless(scale)
+
+
+def create_optimizer(optim: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW), then the
+  per-group learning-rate multipliers `optim.lr_mults`."""
+  if optim.name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=optim.weight_decay)
+  else:
+    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
+  lr_mults = dict(optim.lr_mults)
+  if any(value != 1 for value in lr_mults.values()):
+    tx = optax.chain(tx, scale_by_lr_multipliers(lr_mults))
+  return tx
+
+
+def check_lr_multipliers(params, lr_mults: Mapping[str, float]) -> None:
+  """Every multiplier other than 1 must apply to some parameter."""
+  paths = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for key, value in lr_mults.items():
+    if value != 1 and not any(p == key or p.startswith(key + "/") for p in paths):
+      groups = sorted({p.split("/")[0] for p in paths})
+      raise ValueError(f"optim.lr_mults.{key}={value} applies to no parameter; the parameter groups "
+                       f"are {groups} (a key is a group or a path inside it, e.g. 'model/head').")
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int, model=None) -> Components:
+  """The components of the config's step for a training split of `num_classes` classes; `model`, if
+  given, is the config's model already built."""
+  if model is None:
+    model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+  loss_fn = losses.registry_of(config.loss.name).get(config.loss.name)
+  hparams = dict(config.loss.hparams)
+  schedule = create_schedule(config.optim, config.train.num_steps)
+  return Components(
+      model=model, loss_fn=loss_fn, hparams=hparams,
+      references=references.build(config.references, num_classes),
+      miner=mining.build(config.miner, model, loss_fn, hparams, num_classes),
+      schedule=schedule, tx=create_optimizer(config.optim, schedule),
+      lr_mults=dict(config.optim.lr_mults), normalization=config.data.normalization)
+
+
+def create_train_state(rng: jax.Array, components: Components, image_shape: tuple) -> TrainState:
+  """The state before the first step: model, references and miner initialised from `rng`."""
+  init_rng, references_rng, miner_rng, state_rng = jax.random.split(rng, 4)
+  model = components.model
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init(init_rng, images, train=False)
+  embed_dim = jax.eval_shape(lambda: model.apply(variables, images)).shape[-1]
+  params = {MODEL_PARAMS: variables["params"]}
+  references_params, references_state = components.references.init(references_rng, embed_dim)
+  params.update(references_params)
+  miner_state = None
+  if components.miner is not None:
+    miner_params, miner_state = components.miner.init(miner_rng, embed_dim)
+    params.update(miner_params)
+  check_lr_multipliers(params, components.lr_mults)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=components.tx.init(params), rng=state_rng,
+                    references=references_state, miner=miner_state)
+
+
+def similarities(components: Components, state: TrainState, images: jax.Array, labels: jax.Array):
+  """S(params) [B, M] of a training batch (train mode) and its VJP.
+
+  Returns (sim, sim_vjp, (pairs, features [B, F], embeddings [B, D], new batch_stats, the references'
+  state with this batch taken in)); sim_vjp maps a cotangent [B, M] to (gradient w.r.t. params,).
+  """
+  model, refs = components.model, components.references
+
+  def sim_of(params):
+    (features, embeddings), updates = model.apply(
+        {"params": params[MODEL_PARAMS], "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"], method="features_and_embeddings")
+    references_state = refs.update(state.references, state.params,
+                                   jax.lax.stop_gradient(embeddings), labels, state.step)
+    pairs = refs.pairs(references_state, params, embeddings, labels)
+    return pairs.sim, (pairs, features, embeddings, updates.get("batch_stats", state.batch_stats),
+                       references_state)
+
+  return jax.vjp(sim_of, state.params, has_aux=True)
+
+
+def make_train_step(components: Components, mesh=None) -> Callable:
+  """The jitted step `(state, batch) -> (state, metrics)` for one batch of uint8 images, normalised on
+  the device (transforms.normalize). With a mesh, the new state and the metrics come out replicated
+  over it (see parallel.py)."""
+  refs, miner = components.references, components.miner
+
+  def normalize(images):
+    return transforms.normalize(images, components.normalization)
+
+  def train_step(state: TrainState, batch: dict):
+    labels = batch["labels"]
+    sim, sim_vjp, (pairs, features, embeddings, batch_stats, references_state) = similarities(
+        components, state, normalize(batch["images"]), labels)
+
+    def objective(sim):
+      return refs.objective(references_state, state.step, pairs._replace(sim=sim),
+                            components.loss_fn, components.hparams)
+
+    (loss, metrics), weights = jax.value_and_grad(objective, has_aux=True)(sim)
+    metrics = {
+        "train/loss": loss,
+        "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
+        "train/pos_sim": masked_mean(sim, pairs.pos),
+        "train/neg_sim": masked_mean(sim, pairs.neg),
+        **metrics,
+    }
+    multipliers, miner_state = None, state.miner
+    if miner is not None:
+      inputs = mining.StepInputs(
+          step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
+          features=features, embeddings=embeddings, pairs=pairs, weights=weights, sim_vjp=sim_vjp,
+          pairs_of=jax.tree_util.Partial(refs.pairs, references_state),
+          extras={name: {"images": normalize(extra["images"]), "labels": extra["labels"]}
+                  for name, extra in batch.get(EXTRA, {}).items()},
+          learning_rate=components.schedule(state.step))
+      multipliers, miner_state, miner_metrics = miner.multipliers(state.miner, inputs)
+      metrics.update(miner_metrics)
+    (grads,) = sim_vjp(jax.grad(losses.weighted_pair_loss)(sim, weights, multipliers))
+    updates, opt_state = components.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    rng, _ = jax.random.split(state.rng)
+    return dataclasses.replace(state, step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state, rng=rng, references=references_state,
+                               miner=miner_state), metrics
+
+  return jax.jit(train_step, out_shardings=None if mesh is None else parallel.replicated(mesh))
