@@ -1,11 +1,11 @@
-"""Cars196 in the authors' setup (configs/official_setup.py); variants "ms", "contrastive",
-"mmsi_ms" and "mmsi_contrastive".
+"""Cars196: every method in its authors' setup (configs/real_datasets.py lists the variants and their
+sources).
 
   python -m mmsi_jax.main --config=configs/cars196.py:ms --workdir=runs/cars196_ms
 """
 
-from configs.official_setup import official_setup
+from configs import real_datasets
 
 
 def get_config(variant: str = "ms"):
-  return official_setup("cars196", variant, num_steps=6_000, eval_every=1_000, ks=(1, 2, 4, 8))
+  return real_datasets.get_config("cars196", variant)

@@ -1,11 +1,11 @@
-"""CUB-200-2011 in the authors' setup (configs/official_setup.py); variants "ms", "contrastive",
-"mmsi_ms" and "mmsi_contrastive".
+"""CUB-200-2011: every method in its authors' setup (configs/real_datasets.py lists the variants and their
+sources).
 
   python -m mmsi_jax.main --config=configs/cub200.py:ms --workdir=runs/cub200_ms
 """
 
-from configs.official_setup import official_setup
+from configs import real_datasets
 
 
 def get_config(variant: str = "ms"):
-  return official_setup("cub200", variant, num_steps=3_000, eval_every=500, ks=(1, 2, 4, 8))
+  return real_datasets.get_config("cub200", variant)

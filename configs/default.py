@@ -84,6 +84,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.optim.name = "adam"  # "adam": L2 weight decay added to the gradient; "adamw": decoupled.
   config.optim.learning_rate = 1e-3  # Peak learning rate.
   config.optim.weight_decay = 5e-4  # Weight decay coefficient.
+  config.optim.eps = 1e-8  # Adam's epsilon (MemVir trains with 0.01).
   config.optim.schedule = "cosine"  # "constant" or "cosine" (decay to 0 at the last step).
   config.optim.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   # Learning-rate multipliers by parameter group ("proxies") or path inside one ("model/head"); the

@@ -103,9 +103,10 @@ def create_optimizer(optim: ml_collections.ConfigDict,
   """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW), then the
   per-group learning-rate multipliers `optim.lr_mults`."""
   if optim.name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=optim.weight_decay)
+    tx = optax.adamw(schedule, eps=optim.eps, weight_decay=optim.weight_decay)
   else:
-    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
+    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                     optax.adam(schedule, eps=optim.eps))
   lr_mults = dict(optim.lr_mults)
   if any(value != 1 for value in lr_mults.values()):
     tx = optax.chain(tx, scale_by_lr_multipliers(lr_mults))
@@ -140,7 +141,8 @@ def build(config: ml_collections.ConfigDict, num_classes: int, model=None) -> Co
 
 def create_train_state(rng: jax.Array, components: Components, image_shape: tuple) -> TrainState:
   """The state before the first step: model, references and miner initialised from `rng`."""
-  init_rng, references_rng, miner_rng, state_rng = jax.random.split(rng, 4)
+  init_rng, miner_rng, state_rng = jax.random.split(rng, 3)
+  references_rng = jax.random.fold_in(init_rng, 1)
   model = components.model
   images = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(init_rng, images, train=False)

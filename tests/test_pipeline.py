@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmsi_jax.data import pipeline, transforms
-from mmsi_jax.data.sampler import PKSampler
+from mmsi_jax.data.sampler import ExtraBatch, PKSampler
 from tests import fake_archives
 
 
@@ -43,6 +43,27 @@ def test_host_slices_put_together_are_the_single_host_batch(cub_train):
           np.concatenate([slices[0][step][key], slices[1][step][key]]), batch[key])
   with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
     batches(source, sampler, host_index=0, host_count=3)
+
+
+def test_extra_batches_are_whole_on_every_host(cub_train):
+  """What a component asks for besides the PK batch (MMSI: a validation batch), served by name."""
+  source, sampler = cub_train
+  requests = (ExtraBatch("validation", 2), ExtraBatch("other", 2))
+  whole = batches(source, sampler, extra_batches=requests)
+  slices = [batches(source, sampler, extra_batches=requests, host_index=h, host_count=2)
+            for h in range(2)]
+  for step, batch in enumerate(whole):
+    np.testing.assert_array_equal(batch["images"], batches(source, sampler)[step]["images"])
+    assert sorted(batch[pipeline.EXTRA]) == ["other", "validation"]
+    for name in ("validation", "other"):
+      extra = batch[pipeline.EXTRA][name]
+      assert extra["images"].shape == (2, 24, 24, 3) and sorted(extra["labels"]) == [0, 1]
+      for host_slice in slices:
+        for key in ("images", "labels"):
+          np.testing.assert_array_equal(host_slice[step][pipeline.EXTRA][name][key], extra[key])
+  # Each request draws its own images: augmented from its own rows of the global batch.
+  first = whole[0][pipeline.EXTRA]
+  assert not np.array_equal(first["validation"]["images"], first["other"]["images"])
 
 
 def test_worker_processes_give_the_same_batches(cub_train):

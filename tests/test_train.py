@@ -74,17 +74,33 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
   assert "tensorflow" not in sys.modules
 
 
-@pytest.mark.parametrize("miner", ["none", "mmsi"])
+def method_config(data_dir, method):
+  """tiny_config with a method: "none" (MS), "mmsi", "proxy_anchor" (class proxies at 10x the
+  learning rate) or "xbm" (contrastive with a memory of 100 slots from step 4)."""
+  config = tiny_config(data_dir, miner="mmsi" if method == "mmsi" else "none")
+  if method == "proxy_anchor":
+    config.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", hparams={}))
+    config.references.name = "proxies"
+    config.optim.lr_mults.proxies = 10.0
+  elif method == "xbm":
+    config.loss = ml_collections.ConfigDict(
+        dict(name="contrastive", hparams=dict(pos_margin=1.0, neg_margin=0.5)))
+    config.references.name = "xbm"
+    config.references.xbm.update(size=100, start_step=4)
+  return config
+
+
+@pytest.mark.parametrize("method", ["none", "mmsi", "proxy_anchor", "xbm"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch,
-                                                                  miner):
-  config = tiny_config(glyphs_dir, miner=miner)
+                                                                  method):
+  config = method_config(glyphs_dir, method)
   straight = str(tmp_path / "straight")
   final = train.train_and_evaluate(config, straight)
   records = reporting.read_metrics(straight)
   train_losses = [r["train/loss"] for r in records if "train/loss" in r]
-  assert train_losses[-1] < train_losses[0]  # It learns, with or without MMSI.
+  assert train_losses[-1] < train_losses[0]  # It learns, with every method.
   assert final["test/recall@1"] > final["baseline/recall@1"]
-  if miner == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
+  if method == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
     np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
     assert records[-2]["mmsi/pos_weight"] != 1.0
 
@@ -120,9 +136,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   assert step_a == step_b == 20
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
-  if miner == "mmsi":  # The memory dictionary is part of the checkpoint and resumes exactly.
+  if method == "mmsi":  # The memory dictionary is part of the checkpoint and resumes exactly.
     memory = state_b["miner"]["memory"]
     assert 8 < np.asarray(memory["valid"]).sum() <= 100  # One slot per class seen (of 100).
+  if method == "xbm":  # So is XBM's memory: full after 16 steps of 32 from step 4.
+    assert np.asarray(state_b["references"]["valid"]).all()
+    assert int(state_b["references"]["heads"][0]) == 16 * 32
+  if method == "proxy_anchor":  # And the proxies, with their optimizer state.
+    assert state_b["params"]["proxies"].shape == (100, 16)
   assert not os.path.exists(partial)
 
 
@@ -170,6 +191,7 @@ def test_invalid_settings_fail_before_any_work(glyphs_dir, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.train.num_stepz=5", "num_stepz"),
     ("--config.train.num_steps=abc", "invalid literal"),
+    ("--config.references.xbm.sise=5", "sise"),
 ])
 def test_command_line_rejects_a_wrong_config_override(tmp_path, override, message):
   workdir = tmp_path / "run"

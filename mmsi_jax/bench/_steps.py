@@ -2,6 +2,7 @@
 other: the shared part of the step benchmarks (mmsi, xbm)."""
 
 import functools
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -31,15 +32,19 @@ def random_batch(components: step.Components, image_size: int, classes: int, sam
 
 
 def compare_steps(configs: dict[str, ml_collections.ConfigDict], *, image_size: int, classes: int,
-                  samples: int, repeats: int, prefix: str) -> dict:
+                  samples: int, repeats: int, prefix: str,
+                  prepare: Optional[Callable[[step.TrainState], step.TrainState]] = None) -> dict:
   """Per config: the compiled step's memory (arguments + outputs + temporaries, XLA's analysis), its
   median time, and the time over the first config's, timed in turn round after round so that the
-  machine's load affects all alike. Figures are keyed "<prefix>/<name>/<figure>"."""
+  machine's load affects all alike. `prepare` may change each initial state (e.g. fill a memory).
+  Figures are keyed "<prefix>/<name>/<figure>"."""
   figures, calls = {}, {}
   for name, config in configs.items():
     components = step.build(config, num_classes=classes)
     batch = random_batch(components, image_size, classes, samples)
     state = step.create_train_state(jax.random.PRNGKey(0), components, batch["images"].shape[1:])
+    if prepare is not None:
+      state = prepare(state)
     compiled = step.make_train_step(components).lower(state, batch).compile()
     memory = compiled.memory_analysis()
     if memory is not None:

@@ -1,0 +1,213 @@
+"""The configs of CUB-200-2011, Cars196 and Stanford Online Products: every method in its authors' setup.
+
+configs/cub200.py, cars196.py and sop.py call `get_config(dataset, variant)`. Every variant trains
+BN-Inception (ImageNet weights of `pretrainedmodels`, read from model.pretrained = PRETRAINED) with BGR
+0-255 input minus the Caffe mean; without the weights file the run stops and says so
+(`--config.model.pretrained=''` trains from random initialisation instead). Where a setup below departs
+from its authors' code, docs/METHODS.md lists the departure and its switch.
+
+MMSI's authors' setup (their released code):
+  ms, contrastive, mmsi_ms, mmsi_contrastive
+    global max pooling, linear -> 512, frozen BatchNorm; random-resized crop 227 (scale 0.16 to 1) and
+    flips, resize 256 and centre crop 227 for testing; 16 classes x 5 images; Adam, weight decay 5e-4,
+    lr 1e-5. MS: alpha 2, beta 50, lambda 0.5, epsilon 0.05 (0.03 on SOP); contrastive: margin 0.8 on
+    the similarity. MMSI: l2rw weights, virtual step over all parameters at the model's learning rate,
+    validation batches of 10 classes x 1 image from the training classes, a per-class dictionary of 1
+    embedding, no meta-weighting until it covers every training class. The MMSI code fine-tunes MS
+    checkpoints at lr 1e-7; here every variant starts from ImageNet at 1e-5.
+
+XBM's setup (Wang et al., CVPR 2020; msight-tech/research-xbm, configs/sample_config.yaml and
+ret_benchmark/config/defaults.py):
+  xbm_contrastive, xbm_ms
+    the batch's loss plus weight 1 times its loss against a memory of past embeddings from iteration
+    1,000 on; memory 55,000 on SOP (the sample config); on CUB and Cars, for which the code gives no size,
+    the same share of the training split (92%): 5,400 and 7,400. Contrastive with negatives pushed above
+    0.5 (positives to 1); MS as XBM's code: alpha 2, beta 40, lambda 0.5, epsilon 0.1. 16 classes x 4
+    images; Adam lr 1e-4, weight decay 5e-4; random-resized crop 224 (scale 0.2 to 1) and flips;
+    BatchNorm trained. XBM's code trains ResNet-50 (128-d, max pooling); the BN-Inception 512-d figures
+    it is compared with (65.8 / 82.0 / 79.5 R@1) are those quoted by MemVir (Ko et al., ICCV 2021).
+    35,000 iterations on SOP (the sample config); CUB and Cars: 5,000 and 7,000 (our choice).
+
+MemVir's baseline setup for the softmax-type proxy losses (Ko et al., ICCV 2021; navervision/MemVir,
+main.py and README.md):
+  norm_softmax, cosface, arcface, proxy_nca
+    global average pooling, linear -> 512, frozen BatchNorm; random-resized crop 224 (scale 0.08 to 1)
+    and flips, resize 256 and centre crop 224 for testing; batches of 128; Adam, eps 0.01, weight decay
+    1e-4, lr 1e-4 and 1e-2 for the proxies (x100); 130 epochs. NormSoftmax scale 23 (temperature 1/23)
+    and ProxyNCA scale 12 (README, Cars); CosFace (s 64, m 0.35) and ArcFace (s 64, m 0.5) take their
+    papers' values: MemVir's code holds neither loss.
+
+Proxy-Anchor's setup (Kim et al., CVPR 2020; tjddus9597/Proxy-Anchor-CVPR2020, train.py, README.md):
+  proxy_anchor
+    global average plus max pooling, linear -> 512, BatchNorm frozen on CUB and Cars, trained on SOP;
+    proxies drawn N(0, 2/C); batches of 180; AdamW, weight decay 1e-4, lr 1e-4 (6e-4 on SOP) and 100x
+    for the proxies; alpha 32, delta 0.1; 60 epochs.
+
+Batches are P x K here (K = 4 where the authors draw images at random: 32 x 4 for 128, 45 x 4 for 180).
+Step decays (MemVir x0.1 at epoch 50; Proxy-Anchor x0.5 every 10 or 20 epochs), Proxy-Anchor's one
+warm-up epoch with the backbone fixed and its gradient clipping are not reproduced: the schedule is
+constant.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from configs import default
+
+PRETRAINED = "data/pretrained/bn_inception-52deb4733.pth"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  train_images: int
+  mmsi_steps: int  # Our choice of training length for MMSI's setup, and its evaluation interval.
+  eval_every: int
+  ks: tuple
+  xbm_size: int
+  xbm_steps: int
+  ms_epsilon: float = 0.05  # The MMSI code's MS epsilon.
+  pooling: str = "max"  # Pooling in MMSI's setup.
+  proxy_anchor_lr: float = 1e-4
+  proxy_anchor_frozen_bn: bool = True
+
+
+DATASETS = {
+    "cub200": Dataset(train_images=5_864, mmsi_steps=3_000, eval_every=500, ks=(1, 2, 4, 8),
+                      xbm_size=5_400, xbm_steps=5_000),
+    "cars196": Dataset(train_images=8_054, mmsi_steps=6_000, eval_every=1_000, ks=(1, 2, 4, 8),
+                       xbm_size=7_400, xbm_steps=7_000),
+    "sop": Dataset(train_images=59_551, mmsi_steps=30_000, eval_every=5_000, ks=(1, 10, 100, 1000),
+                   xbm_size=55_000, xbm_steps=35_000, ms_epsilon=0.03, pooling="max_plus_avg",
+                   proxy_anchor_lr=6e-4, proxy_anchor_frozen_bn=False),
+}
+MMSI_VARIANTS = ("ms", "contrastive", "mmsi_ms", "mmsi_contrastive")
+XBM_VARIANTS = ("xbm_contrastive", "xbm_ms")
+MEMVIR_BASELINES = {
+    "norm_softmax": {"temperature": 1 / 23},
+    "cosface": {"scale": 64.0, "margin": 0.35},
+    "arcface": {"scale": 64.0, "margin": 0.5},
+    "proxy_nca": {"scale": 12.0},
+}
+VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor")
+
+
+def _bn_inception(dataset: str, *, image_size: int, crop_scale: tuple, pooling: str, frozen_bn: bool,
+                  classes_per_batch: int, samples_per_class: int) -> ml_collections.ConfigDict:
+  """The shared part: dataset, BN-Inception 512-d, crops, Caffe input, PK batches."""
+  config = default.get_config()
+  data = config.data
+  data.name = dataset
+  data.manual_dir = f"data/manual/{dataset}"  # The official archives go here.
+  data.image_size = image_size
+  data.train_crop = "random_resized"
+  data.crop_scale = crop_scale
+  data.flip = True
+  data.resize_size = 256
+  data.normalization = "caffe_bgr"
+  data.classes_per_batch = classes_per_batch
+  data.samples_per_class = samples_per_class
+  data.num_threads = 2
+  data.num_workers = 8  # 3,000 CUB-sized images/s need 6 to 8 cores (docs/BENCHMARKS.md).
+  data.prefetch = 16
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "bn_inception"  # BN-Inception (models/bn_inception.py).
+  config.model.pretrained = PRETRAINED  # Its ImageNet weights (.pth or .npz); "": random init.
+  config.model.embed_dim = 512
+  config.model.pooling = pooling
+  config.model.frozen_bn = frozen_bn
+
+  config.optim.name = "adam"
+  config.optim.schedule = "constant"
+  config.optim.warmup_steps = 0
+  return config
+
+
+def _set_loss(config: ml_collections.ConfigDict, name: str, hparams: dict) -> None:
+  config.loss = ml_collections.ConfigDict({"name": name, "hparams": hparams})
+
+
+def _epochs(epochs: int, train_images: int, batch_size: int) -> int:
+  return epochs * train_images // batch_size
+
+
+def mmsi_authors(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  spec = DATASETS[dataset]
+  config = _bn_inception(dataset, image_size=227, crop_scale=(0.16, 1.0), pooling=spec.pooling,
+                         frozen_bn=True, classes_per_batch=16, samples_per_class=5)
+  if variant.removeprefix("mmsi_") == "ms":
+    _set_loss(config, "multi_similarity",
+              dict(alpha=2.0, beta=50.0, base=0.5, epsilon=spec.ms_epsilon))
+  else:
+    _set_loss(config, "contrastive", dict(pos_margin=1.0, neg_margin=0.8))
+  config.optim.learning_rate = 1e-5
+  config.optim.weight_decay = 5e-4
+  if variant.startswith("mmsi_"):
+    config.miner.name = "mmsi"
+    config.miner.mmsi.update(mode="l2rw", scope="all", virtual_lr=0.0, validation="train_classes",
+                             validation_classes=10, memory_layout="per_class", memory_size=1,
+                             wait_for_coverage=True)
+  config.train.num_steps = spec.mmsi_steps
+  return config
+
+
+def xbm(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  spec = DATASETS[dataset]
+  config = _bn_inception(dataset, image_size=224, crop_scale=(0.2, 1.0), pooling="max",
+                         frozen_bn=False, classes_per_batch=16, samples_per_class=4)
+  if variant == "xbm_ms":
+    _set_loss(config, "multi_similarity", dict(alpha=2.0, beta=40.0, base=0.5, epsilon=0.1))
+  else:
+    _set_loss(config, "contrastive", dict(pos_margin=1.0, neg_margin=0.5))
+  config.references.name = "xbm"
+  config.references.xbm.update(size=spec.xbm_size, weight=1.0, start_step=1_000)
+  config.optim.learning_rate = 1e-4
+  config.optim.weight_decay = 5e-4
+  config.train.num_steps = spec.xbm_steps
+  return config
+
+
+def memvir_baseline(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  spec = DATASETS[dataset]
+  config = _bn_inception(dataset, image_size=224, crop_scale=(0.08, 1.0), pooling="avg",
+                         frozen_bn=True, classes_per_batch=32, samples_per_class=4)
+  _set_loss(config, variant, MEMVIR_BASELINES[variant])
+  config.references.name = "proxies"
+  config.optim.update(learning_rate=1e-4, eps=0.01, weight_decay=1e-4)
+  config.optim.lr_mults.proxies = 100.0
+  config.train.num_steps = _epochs(130, spec.train_images, 128)
+  return config
+
+
+def proxy_anchor(dataset: str) -> ml_collections.ConfigDict:
+  spec = DATASETS[dataset]
+  config = _bn_inception(dataset, image_size=224, crop_scale=(0.08, 1.0), pooling="max_plus_avg",
+                         frozen_bn=spec.proxy_anchor_frozen_bn, classes_per_batch=45,
+                         samples_per_class=4)
+  _set_loss(config, "proxy_anchor", dict(alpha=32.0, margin=0.1))
+  config.references.name = "proxies"
+  config.references.proxies.init = "kaiming_fan_out"
+  config.optim.update(name="adamw", learning_rate=spec.proxy_anchor_lr, weight_decay=1e-4)
+  config.optim.lr_mults.proxies = 100.0
+  config.train.num_steps = _epochs(60, spec.train_images, 180)
+  return config
+
+
+def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  """The config of `variant` on `dataset` (module docstring)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/{dataset}.py has variants {VARIANTS}, got {variant!r}.")
+  if variant in MMSI_VARIANTS:
+    config = mmsi_authors(dataset, variant)
+  elif variant in XBM_VARIANTS:
+    config = xbm(dataset, variant)
+  elif variant in MEMVIR_BASELINES:
+    config = memvir_baseline(dataset, variant)
+  else:
+    config = proxy_anchor(dataset)
+  spec = DATASETS[dataset]
+  config.train.eval_every = min(spec.eval_every, config.train.num_steps)
+  config.train.checkpoint_every = config.train.eval_every
+  config.eval.ks = spec.ks
+  return config
