@@ -60,13 +60,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.references.xbm.weight = 1.0  # lambda of L(batch, batch) + lambda * L(batch, memory).
   config.references.xbm.start_step = 0  # First step that enqueues and adds the memory term.
   config.references.proxies = ml_collections.ConfigDict()  # Learnable class proxies [C, D].
-  # "kaiming_fan_out" (N(0, 2/C), Proxy-Anchor), "normal" (N(0, init_std^2)), "xavier_uniform".
+  # "kaiming_fan_out" (N(0, 2/C), Proxy-Anchor), "normal" (N(0, init_std^2)), "uniform" (U(+-1/sqrt(C))).
   config.references.proxies.init = "kaiming_fan_out"
   config.references.proxies.init_std = 1.0  # With init="normal".
 
   config.miner = ml_collections.ConfigDict()
   config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.
-  config.miner.mmsi = ml_collections.ConfigDict()  # MMSI meta-mining (DESIGN.md section 4).
+  config.miner.mmsi = ml_collections.ConfigDict()  # MMSI meta-mining (docs/METHODS.md).
   config.miner.mmsi.mode = "weighting_net"  # "weighting_net" (MLP phi) or "l2rw" (authors' code).
   config.miner.mmsi.scope = "all"  # Virtual step over "all" parameters (authors) or the "head" only.
   config.miner.mmsi.virtual_lr = 0.0  # alpha of the virtual step; <= 0: the model's learning rate.

@@ -11,7 +11,8 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     a per-class dictionary of 5 embeddings)
   xbm_ms, xbm_contrastive
                     the same with XBM's cross-batch memory: 2,048 slots (85% of the 2,400 training
-                    images, as XBM's 55,000 of SOP's 59,551), from step 100 (after the warm-up)
+                    images, as XBM's 55,000 of SOP's 59,551), from step 400 (from step 100, while
+                    the embedding still moves fast, the memory's stale rows hurt: docs/BENCHMARKS.md)
   norm_softmax, cosface, arcface, proxy_nca, proxy_anchor
                     the proxy losses with 100 learnable class proxies, trained at 10x the learning rate,
                     and each paper's scale and margin (docs/METHODS.md)
@@ -65,5 +66,5 @@ def get_config(variant: str = ""):
   elif method == "xbm":
     config.references.name = "xbm"
     config.references.xbm.size = 2048
-    config.references.xbm.start_step = 100
+    config.references.xbm.start_step = 400
   return config

@@ -33,9 +33,10 @@ main.py and README.md):
   norm_softmax, cosface, arcface, proxy_nca
     global average pooling, linear -> 512, frozen BatchNorm; random-resized crop 224 (scale 0.08 to 1)
     and flips, resize 256 and centre crop 224 for testing; batches of 128; Adam, eps 0.01, weight decay
-    1e-4, lr 1e-4 and 1e-2 for the proxies (x100); 130 epochs. NormSoftmax scale 23 (temperature 1/23)
-    and ProxyNCA scale 12 (README, Cars); CosFace (s 64, m 0.35) and ArcFace (s 64, m 0.5) take their
-    papers' values: MemVir's code holds neither loss.
+    1e-4, lr 1e-4 and 1e-2 for the proxies (x100); 130 epochs. NormSoftmax scale 23 (temperature 1/23),
+    proxies U(+-1/sqrt(C)); ProxyNCA scale 12 (README, Cars), proxies N(0, 2/D). CosFace (s 64, m 0.35)
+    and ArcFace (s 64, m 0.5) take their papers' values and insightface's N(0, 0.01) proxies: MemVir's
+    code holds neither loss.
 
 Proxy-Anchor's setup (Kim et al., CVPR 2020; tjddus9597/Proxy-Anchor-CVPR2020, train.py, README.md):
   proxy_anchor
@@ -83,11 +84,11 @@ DATASETS = {
 }
 MMSI_VARIANTS = ("ms", "contrastive", "mmsi_ms", "mmsi_contrastive")
 XBM_VARIANTS = ("xbm_contrastive", "xbm_ms")
-MEMVIR_BASELINES = {
-    "norm_softmax": {"temperature": 1 / 23},
-    "cosface": {"scale": 64.0, "margin": 0.35},
-    "arcface": {"scale": 64.0, "margin": 0.5},
-    "proxy_nca": {"scale": 12.0},
+MEMVIR_BASELINES = {  # Loss hyperparameters and the proxies' initialisation.
+    "norm_softmax": ({"temperature": 1 / 23}, dict(init="uniform")),
+    "cosface": ({"scale": 64.0, "margin": 0.35}, dict(init="normal", init_std=0.01)),
+    "arcface": ({"scale": 64.0, "margin": 0.5}, dict(init="normal", init_std=0.01)),
+    "proxy_nca": ({"scale": 12.0}, dict(init="normal", init_std=(2 / 512) ** 0.5)),
 }
 VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor")
 
@@ -172,8 +173,10 @@ def memvir_baseline(dataset: str, variant: str) -> ml_collections.ConfigDict:
   spec = DATASETS[dataset]
   config = _bn_inception(dataset, image_size=224, crop_scale=(0.08, 1.0), pooling="avg",
                          frozen_bn=True, classes_per_batch=32, samples_per_class=4)
-  _set_loss(config, variant, MEMVIR_BASELINES[variant])
+  hparams, proxies = MEMVIR_BASELINES[variant]
+  _set_loss(config, variant, hparams)
   config.references.name = "proxies"
+  config.references.proxies.update(proxies)
   config.optim.update(learning_rate=1e-4, eps=0.01, weight_decay=1e-4)
   config.optim.lr_mults.proxies = 100.0
   config.train.num_steps = _epochs(130, spec.train_images, 128)

@@ -1,4 +1,4 @@
-"""The unified pair/triplet form (DESIGN.md section 3).
+"""The unified pair/triplet form (docs/ARCHITECTURE.md).
 
 Every pair or triplet loss here is a function `loss(S, pos, neg, **hparams) -> scalar` of the cosine
 similarity matrix S [B, M] between B anchors and M references and of two boolean masks [B, M]:

@@ -1,4 +1,6 @@
-"""Miners: per-pair multipliers m [B, M] that re-weight any pair loss's gradient (DESIGN.md section 3).
+"""Miners: per-pair multipliers m [B, M] that re-weight any pair loss's gradient.
+
+docs/ARCHITECTURE.md shows where they act in the step.
 
 A miner, found by name in `MINERS` (config `miner.name`, settings under `miner.<name>`), is an object
 with pure, jittable methods:

@@ -1,6 +1,6 @@
 """The memory dictionary: a fixed-shape ring buffer of past embeddings inside the TrainState.
 
-Two layouts (DESIGN.md section 4):
+Two layouts (docs/METHODS.md):
   per_class  C classes x `size` slots each: every class keeps its `size` most recent embeddings,
              as the MMSI authors' dictionary (d_size per class).
   global     one FIFO of `size` slots shared by all classes, as XBM's cross-batch memory.

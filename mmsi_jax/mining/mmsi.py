@@ -1,4 +1,4 @@
-"""MMSI: meta-mining with semiglobal information (DESIGN.md section 4).
+"""MMSI: meta-mining with semiglobal information (docs/METHODS.md).
 
 Per-pair multipliers m [B, M] are chosen by asking which pairs, if trained on, would lower a loss on
 other data. With W = dL/dS the batch's pair weights and J = dS/dtheta,

@@ -6,11 +6,12 @@ them at 100x the model's rate). The losses L2-normalise them (`losses.build_prox
 directions matter; their initial scale sets how fast Adam turns them. Initialisations, as in the
 authors' code (docs/METHODS.md):
 
-  normal            N(0, std^2) entries, std = `init_std` (ProxyNCA++ draws randn / 8)
+  normal            N(0, std^2) entries, std = `init_std` (ProxyNCA++: 1/8; insightface's ArcFace and
+                    CosFace: 0.01; MemVir's ProxyNCA: sqrt(2 / D))
   kaiming_fan_out   N(0, 2 / C): torch's kaiming_normal_(mode="fan_out") of a [C, D] tensor, as
                     Proxy-Anchor (Kim et al., CVPR 2020) initialises its proxies
-  xavier_uniform    U(-a, a), a = sqrt(6 / (C + D)), torch's xavier_uniform_ (CosFace / ArcFace
-                    classifier weights in common implementations)
+  uniform           U(-1/sqrt(C), 1/sqrt(C)), as MemVir's NormSoftmax (kaiming_uniform_ of its [D, C]
+                    weight)
 """
 
 import jax
@@ -20,7 +21,7 @@ from mmsi_jax import losses
 from mmsi_jax.references.base import References
 
 PROXY_PARAMS = "proxies"  # The proxies' parameter group in TrainState.params (and in optim.lr_mults).
-INITS = ("normal", "kaiming_fan_out", "xavier_uniform")
+INITS = ("normal", "kaiming_fan_out", "uniform")
 
 
 def init_proxies(rng: jax.Array, num_classes: int, embed_dim: int, init: str,
@@ -31,8 +32,8 @@ def init_proxies(rng: jax.Array, num_classes: int, embed_dim: int, init: str,
     return init_std * jax.random.normal(rng, shape)
   if init == "kaiming_fan_out":
     return jnp.sqrt(2.0 / num_classes) * jax.random.normal(rng, shape)
-  if init == "xavier_uniform":
-    limit = jnp.sqrt(6.0 / (num_classes + embed_dim))
+  if init == "uniform":
+    limit = 1.0 / jnp.sqrt(num_classes)
     return jax.random.uniform(rng, shape, minval=-limit, maxval=limit)
   raise ValueError(f"references.proxies.init={init!r} is not one of {INITS}.")
 
