@@ -14,8 +14,9 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     images, as XBM's 55,000 of SOP's 59,551), from step 400 (from step 100, while
                     the embedding still moves fast, the memory's stale rows hurt: docs/BENCHMARKS.md)
   norm_softmax, cosface, arcface, proxy_nca, proxy_anchor
-                    the proxy losses with 100 learnable class proxies, trained at 10x the learning rate,
-                    and each paper's scale and margin (docs/METHODS.md)
+                    the proxy losses with 100 learnable class proxies, trained at 100x the learning
+                    rate (as Proxy-Anchor and MemVir), and each paper's scale and margin
+                    (docs/METHODS.md)
 """
 
 from configs import default
@@ -55,7 +56,7 @@ def get_config(variant: str = ""):
     config.loss.name = loss_name
     config.loss.hparams = PROXY_LOSSES[loss_name]
     config.references.name = "proxies"
-    config.optim.lr_mults.proxies = 10.0
+    config.optim.lr_mults.proxies = 100.0
     return config
   config.loss.name, hparams = PAIR_LOSSES[loss_name]
   if hparams is not None:

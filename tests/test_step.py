@@ -127,13 +127,13 @@ def tiny_demo_config(variant, data_dir="data"):
   return config
 
 
-def demo_batches(glyphs_dir, config, num_steps, start_step=0):
+def demo_batches(glyphs_dir, config, num_steps, start_step=0, extra_batches=()):
   source = pipeline.load_split("glyphs", "train", glyphs_dir, decode_images=False)
   sampler = PKSampler(pipeline.split_labels(source), config.data.classes_per_batch,
                       config.data.samples_per_class, seed=0)
   return pipeline.train_batches(source, sampler, transform=transforms.train_transform(config.data),
                                 start_step=start_step, num_steps=start_step + num_steps, seed=0,
-                                num_threads=1, prefetch=2)
+                                extra_batches=extra_batches, num_threads=1, prefetch=2)
 
 
 @pytest.mark.parametrize("variant", ["ms", "xbm_contrastive", "proxy_anchor"])
@@ -167,6 +167,35 @@ def test_step_without_miner_applies_exactly_the_objectives_gradient(glyphs_dir, 
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   if variant == "proxy_anchor":
     assert not np.allclose(new_state.params["proxies"], state.params["proxies"])
+
+
+@pytest.mark.parametrize("scope", ["all", "head"])
+def test_mmsi_weights_the_pairs_of_xbms_memory_too(glyphs_dir, scope):
+  config = tiny_demo_config("xbm_contrastive")
+  config.miner.name = "mmsi"
+  config.miner.mmsi.update(scope=scope, wait_for_coverage=False, validation_classes=4)
+  components = step.build(config, num_classes=100)
+  state = step.create_train_state(jax.random.PRNGKey(0), components, (32, 32, 3))
+  train_step = step.make_train_step(components)
+  seen = []
+  real_multipliers = components.miner.multipliers
+
+  def recording(miner_state, inputs):
+    m, miner_state, metrics = real_multipliers(miner_state, inputs)
+    seen.append(m.shape)
+    memory_columns = jnp.where(inputs.pairs.neg[:, 12:], m[:, 12:], jnp.nan)
+    spread = jnp.nanmax(memory_columns) - jnp.nanmin(memory_columns)
+    return m, miner_state, {**metrics, "memory_spread": spread}
+
+  object.__setattr__(components.miner, "multipliers", recording)
+  for batch in demo_batches(glyphs_dir, config, 3, extra_batches=components.extra_batches):
+    state, metrics = train_step(state, batch)
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["mmsi/meta_loss"])
+  assert seen == [(12, 12 + 20)]  # Traced once: the batch's 12 columns, then the memory's 20.
+  assert np.asarray(state.references.valid).sum() == 20  # XBM's memory, full after 36 rows.
+  assert np.asarray(state.miner.memory.valid).sum() > 0  # MMSI's own dictionary, apart.
+  # Meta-weighting is on and tells the memory's negative pairs apart.
+  assert metrics["mmsi/ready"] == 1 and metrics["memory_spread"] > 0.01
 
 
 def test_learning_rate_multipliers_scale_each_groups_adam_step():

@@ -32,7 +32,6 @@ MINERS = Registry("miner")
 MINERS.register("mmsi")(MMSI)
 
 NONE = "none"
-CONTEXT = ("model", "pair_loss", "hparams", "num_classes")
 
 
 def names() -> list[str]:
@@ -48,4 +47,4 @@ def build(config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams
                       model=model, pair_loss=pair_loss, hparams=hparams, num_classes=num_classes)
 
 
-__all__ = ["CONTEXT", "MINERS", "MMSI", "NONE", "StepInputs", "build", "memory", "names"]
+__all__ = ["MINERS", "MMSI", "NONE", "StepInputs", "build", "memory", "names"]

@@ -39,7 +39,6 @@ REFERENCES.register("batch")(BatchReferences)
 REFERENCES.register("proxies")(ClassProxies)
 REFERENCES.register("xbm")(CrossBatchMemory)
 
-CONTEXT = ("num_classes",)
 DEFAULTS = ("batch", "proxies")  # The plain references of a pair and of a proxy loss.
 
 
@@ -55,5 +54,5 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
                           num_classes=num_classes)
 
 
-__all__ = ["BatchReferences", "ClassProxies", "CONTEXT", "DEFAULTS", "CrossBatchMemory", "REFERENCES", "build",
+__all__ = ["BatchReferences", "ClassProxies", "CrossBatchMemory", "DEFAULTS", "REFERENCES", "build",
            "kind_of"]
