@@ -54,7 +54,8 @@ class Registry:
 
   def get(self, name: str) -> Callable:
     if name not in self._entries:
-      raise KeyError(f"Unknown {self.kind} {name!r}; known: {', '.join(self.names())}.")
+      plural = self.kind if self.kind.endswith("s") else f"{self.kind}s"
+      raise KeyError(f"Unknown {self.kind} {name!r}; known {plural}: {', '.join(self.names())}.")
     return self._entries[name]
 
   def settings(self, name: str, context: tuple[str, ...] = ()) -> list[str]:

@@ -2,6 +2,8 @@
 gradient against the objective's own, learning-rate multipliers, every loss training, a miner that
 needs no extra data, and config checks by each component."""
 
+import dataclasses
+
 import jax
 from jax.test_util import check_grads
 import jax.numpy as jnp
@@ -139,7 +141,11 @@ def demo_batches(glyphs_dir, config, num_steps, start_step=0, extra_batches=()):
 @pytest.mark.parametrize("variant", ["ms", "xbm_contrastive", "proxy_anchor"])
 def test_step_without_miner_applies_exactly_the_objectives_gradient(glyphs_dir, variant):
   config = tiny_demo_config(variant)
-  components = step.build(config, num_classes=100)
+  # An "optimizer" that keeps the step's gradient as its state (and changes no parameter).
+  keep_gradient = optax.GradientTransformation(
+      lambda params: jax.tree.map(jnp.zeros_like, params),
+      lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+  components = dataclasses.replace(step.build(config, num_classes=100), tx=keep_gradient)
   state = step.create_train_state(jax.random.PRNGKey(0), components, (32, 32, 3))
   train_step = step.make_train_step(components)
   batches = demo_batches(glyphs_dir, config, 3)
@@ -158,15 +164,14 @@ def test_step_without_miner_applies_exactly_the_objectives_gradient(glyphs_dir, 
     return refs.objective(refs_state, state.step, pairs, components.loss_fn, components.hparams)[0]
 
   loss, grads = jax.jit(jax.value_and_grad(objective))(state.params)
-  updates, _ = components.tx.update(grads, state.opt_state, state.params)
-  expected = optax.apply_updates(state.params, updates)
   new_state, metrics = train_step(state, batch)
   np.testing.assert_allclose(metrics["train/loss"], loss, rtol=1e-6)
   assert float(optax.tree.norm(grads)) > 0
-  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  if variant == "proxy_anchor":
-    assert not np.allclose(new_state.params["proxies"], state.params["proxies"])
+  for got, want in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(grads)):
+    # float32: the two sum in different orders; 1e-4 of each leaf's largest entry.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+  if variant == "proxy_anchor":  # The proxies get their gradient through S too.
+    assert np.abs(np.asarray(new_state.opt_state["proxies"])).max() > 0
 
 
 @pytest.mark.parametrize("scope", ["all", "head"])

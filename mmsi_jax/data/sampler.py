@@ -66,10 +66,10 @@ class PKSampler:
     order = np.argsort(labels, kind="stable")
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     members = np.split(order, starts[1:])
-    self._validation_members = members
+    self._extra_members = members
     if held_out_fraction > 0:
       held_out = [min(max(1, int(round(held_out_fraction * len(m)))), len(m) - 2) for m in members]
-      self._validation_members = [m[len(m) - h:] for m, h in zip(members, held_out) if h > 0]
+      self._extra_members = [m[len(m) - h:] for m, h in zip(members, held_out) if h > 0]
       members = [m[:len(m) - h] if h > 0 else m for m, h in zip(members, held_out)]
       counts = np.array([len(m) for m in members])
     eligible = counts >= 2
@@ -108,9 +108,9 @@ class PKSampler:
   def extra_indices(self, step: int, num_classes: int, stream: int = 0) -> np.ndarray:
     """Example indices [V] of extra batch number `stream` at `step`: V distinct classes, one image
     each (from the held-out images, if any)."""
-    if num_classes > len(self._validation_members):
+    if num_classes > len(self._extra_members):
       raise ValueError(f"Extra batches of V={num_classes} classes need as many classes with images "
-                       f"for them; there are {len(self._validation_members)}.")
+                       f"for them; there are {len(self._extra_members)}.")
     rng = np.random.default_rng([self.seed, step, 2 + stream])
-    picked = rng.choice(len(self._validation_members), num_classes, replace=False)
-    return np.array([rng.choice(self._validation_members[c]) for c in picked])
+    picked = rng.choice(len(self._extra_members), num_classes, replace=False)
+    return np.array([rng.choice(self._extra_members[c]) for c in picked])
