@@ -75,8 +75,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.miner.mmsi.held_out_fraction = 0.2  # With validation="held_out": share of each class held out.
   config.miner.mmsi.memory_layout = "per_class"  # "per_class" (authors) or "global" (XBM's FIFO).
   config.miner.mmsi.memory_size = 1  # Slots per class (per_class) or in all (global).
-  config.miner.mmsi.wait_for_coverage = True  # No meta-weighting until the memory covers all classes.
+  # No meta-weighting until the dictionary holds min_classes classes (0: every training class; the
+  # authors: 98 on CUB and Cars, 1000 on SOP); counted after the batch's enqueue with enqueue="before".
+  config.miner.mmsi.wait_for_coverage = True
+  config.miner.mmsi.min_classes = 0
   config.miner.mmsi.warmup_steps = 0  # And none before this many steps.
+  # What a step without meta-weights does: "plain" loss updates (m = 1), or "none" (authors): no change
+  # to the parameters, optimizer state or BN statistics; with "none" a step whose meta loss is exactly 0
+  # is skipped too, as in the authors' code.
+  config.miner.mmsi.warmup_update = "plain"
+  # The batch joins the dictionary "after" the meta step, or "before" it (authors: the meta loss then
+  # sees this batch's embeddings).
+  config.miner.mmsi.enqueue = "after"
+  # The meta loss's references: the validation batch against "dictionary_and_validation" (itself and
+  # the dictionary) or the "dictionary" only (authors).
+  config.miner.mmsi.meta_references = "dictionary_and_validation"
+  # The meta loss mines pairs as the training loss does (True), or not (False, authors: an unmined MS);
+  # only losses with a `mine` argument (multi_similarity) mine.
+  config.miner.mmsi.meta_mining = True
   config.miner.mmsi.net_hidden = (32, 32)  # Hidden widths of the weighting net phi.
   config.miner.mmsi.net_learning_rate = 1e-3  # Adam learning rate of phi.
 

@@ -8,13 +8,17 @@ from its authors' code, docs/METHODS.md lists the departure and its switch.
 
 MMSI's authors' setup (their released code):
   ms, contrastive, mmsi_ms, mmsi_contrastive
-    global max pooling, linear -> 512, frozen BatchNorm; random-resized crop 227 (scale 0.16 to 1) and
-    flips, resize 256 and centre crop 227 for testing; 16 classes x 5 images; Adam, weight decay 5e-4,
-    lr 1e-5. MS: alpha 2, beta 50, lambda 0.5, epsilon 0.05 (0.03 on SOP); contrastive: margin 0.8 on
-    the similarity. MMSI: l2rw weights, virtual step over all parameters at the model's learning rate,
-    validation batches of 10 classes x 1 image from the training classes, a per-class dictionary of 1
-    embedding, no meta-weighting until it covers every training class. The MMSI code fine-tunes MS
-    checkpoints at lr 1e-7; here every variant starts from ImageNet at 1e-5.
+    global max pooling (max + average on SOP), linear -> 512, BatchNorm with its running statistics and
+    trained scale and offset; random-resized crop 227 (scale 0.16 to 1) and flips, resize 256 and
+    centre crop 227 for testing; 16 classes x 5 images; Adam, weight decay 5e-4, lr 1e-5 from the
+    first step. MS: alpha 2, beta 40, lambda 0.5, epsilon 0.05 (0.03 on SOP); contrastive: margin 0.8
+    on the similarity. MMSI, the authors' step: l2rw weights, virtual step over all parameters at the
+    model's learning rate, validation batches of 10 classes x 1 image from the training classes, a
+    per-class dictionary (1 embedding per class for contrastive, 100 for MS; 12 on SOP, the most
+    images an SOP class has) into which the batch is enqueued before the meta loss, the meta loss
+    against the dictionary only and unmined, and no update at all until the dictionary holds 98
+    classes (CUB, Cars) or 1,000 (SOP), nor when the meta loss is exactly 0. The MMSI code fine-tunes
+    MS checkpoints at lr 1e-7; here every variant starts from ImageNet at 1e-5.
 
 XBM's setup (Wang et al., CVPR 2020; msight-tech/research-xbm, configs/sample_config.yaml and
 ret_benchmark/config/defaults.py):
@@ -69,6 +73,10 @@ class Dataset:
   xbm_steps: int
   ms_epsilon: float = 0.05  # The MMSI code's MS epsilon.
   pooling: str = "max"  # Pooling in MMSI's setup.
+  mmsi_min_classes: int = 98  # T: MMSI's authors update nothing until their dictionary holds T classes.
+  # Their MS dictionary keeps 100 embeddings per class. SOP's classes have at most 12 images: 12 slots
+  # keep every image's newest embedding, where 100 x 11,318 x 512 slots (2.3 GB) would hold older ones.
+  mmsi_ms_memory_size: int = 100
   proxy_anchor_lr: float = 1e-4
   proxy_anchor_frozen_bn: bool = True
 
@@ -80,6 +88,7 @@ DATASETS = {
                        xbm_size=7_400, xbm_steps=7_000),
     "sop": Dataset(train_images=59_551, mmsi_steps=30_000, eval_every=5_000, ks=(1, 10, 100, 1000),
                    xbm_size=55_000, xbm_steps=35_000, ms_epsilon=0.03, pooling="max_plus_avg",
+                   mmsi_min_classes=1_000, mmsi_ms_memory_size=12,
                    proxy_anchor_lr=6e-4, proxy_anchor_frozen_bn=False),
 }
 MMSI_VARIANTS = ("ms", "contrastive", "mmsi_ms", "mmsi_contrastive")
@@ -137,18 +146,22 @@ def mmsi_authors(dataset: str, variant: str) -> ml_collections.ConfigDict:
   spec = DATASETS[dataset]
   config = _bn_inception(dataset, image_size=227, crop_scale=(0.16, 1.0), pooling=spec.pooling,
                          frozen_bn=True, classes_per_batch=16, samples_per_class=5)
-  if variant.removeprefix("mmsi_") == "ms":
+  config.model.frozen_bn_affine = False  # Running statistics, trained scale and offset.
+  ms = variant.removeprefix("mmsi_") == "ms"
+  if ms:
     _set_loss(config, "multi_similarity",
-              dict(alpha=2.0, beta=50.0, base=0.5, epsilon=spec.ms_epsilon))
+              dict(alpha=2.0, beta=40.0, base=0.5, epsilon=spec.ms_epsilon))
   else:
     _set_loss(config, "contrastive", dict(pos_margin=1.0, neg_margin=0.8))
   config.optim.learning_rate = 1e-5
   config.optim.weight_decay = 5e-4
   if variant.startswith("mmsi_"):
     config.miner.name = "mmsi"
-    config.miner.mmsi.update(mode="l2rw", scope="all", virtual_lr=0.0, validation="train_classes",
-                             validation_classes=10, memory_layout="per_class", memory_size=1,
-                             wait_for_coverage=True)
+    config.miner.mmsi.update(
+        mode="l2rw", scope="all", virtual_lr=0.0, validation="train_classes", validation_classes=10,
+        memory_layout="per_class", memory_size=spec.mmsi_ms_memory_size if ms else 1,
+        wait_for_coverage=True, min_classes=spec.mmsi_min_classes, warmup_steps=0,
+        warmup_update="none", enqueue="before", meta_references="dictionary", meta_mining=False)
   config.train.num_steps = spec.mmsi_steps
   return config
 

@@ -24,6 +24,7 @@ from mmsi_jax import losses, mining, models, parallel, references
 from mmsi_jax.data import transforms
 from mmsi_jax.data.pipeline import EXTRA
 from mmsi_jax.losses.masked import masked_mean
+from mmsi_jax.mining.base import UPDATE
 from mmsi_jax.models import MODEL_PARAMS
 
 
@@ -70,11 +71,16 @@ class Components:
 
 
 def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Learning rate by step: linear warm-up from 0, then constant or cosine decay to 0."""
+  """Learning rate by step: linear warm-up from 0, then constant or cosine decay to 0. Without warm-up
+  (warmup_steps 0) the first step takes the full rate."""
   if optim.schedule == "cosine":
+    if optim.warmup_steps == 0:
+      return optax.cosine_decay_schedule(optim.learning_rate, num_steps, alpha=0.0)
     return optax.warmup_cosine_decay_schedule(
-        0.0, optim.learning_rate, max(optim.warmup_steps, 1), num_steps, end_value=0.0)
-  return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+        0.0, optim.learning_rate, optim.warmup_steps, num_steps, end_value=0.0)
+  if optim.warmup_steps == 0:
+    return optax.constant_schedule(optim.learning_rate)
+  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
 
 
 def _path_name(path) -> str:
@@ -208,7 +214,7 @@ def make_train_step(components: Components, mesh=None) -> Callable:
         "train/neg_sim": masked_mean(sim, pairs.neg),
         **metrics,
     }
-    multipliers, miner_state = None, state.miner
+    multipliers, miner_state, update = None, state.miner, None
     if miner is not None:
       inputs = mining.StepInputs(
           step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
@@ -219,9 +225,14 @@ def make_train_step(components: Components, mesh=None) -> Callable:
           learning_rate=components.schedule(state.step))
       multipliers, miner_state, miner_metrics = miner.multipliers(state.miner, inputs)
       metrics.update(miner_metrics)
+      update = miner_metrics.get(UPDATE)  # The miner may skip this step's update (mining/base.py).
     (grads,) = sim_vjp(jax.grad(losses.weighted_pair_loss)(sim, weights, multipliers))
     updates, opt_state = components.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if update is not None:  # Selected, not branched: see mining/mmsi.py on lax.cond on the CPU.
+      params, opt_state, batch_stats = jax.tree.map(
+          lambda new, old: jnp.where(update > 0, new, old), (params, opt_state, batch_stats),
+          (state.params, state.opt_state, state.batch_stats))
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)
     return dataclasses.replace(state, step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -45,6 +45,48 @@ def test_frozen_batch_norm_keeps_its_statistics_in_training_mode():
     np.testing.assert_array_equal(a, b)
 
 
+def test_batch_norm_with_frozen_statistics_trains_its_scale_and_offset():
+  """BN-Inception's BatchNorm with frozen=True, frozen_affine=False (the MMSI authors' fine-tuning):
+  running statistics in training mode, never updated; scale and offset are parameters that get a
+  gradient and change with a step."""
+  import flax.linen as nn
+  from mmsi_jax.models.bn_inception import BatchNorm
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Dense(5)(x)
+      x = BatchNorm(train, frozen=True, frozen_affine=False)(x[:, None, None, :])
+      return jnp.sum(jnp.tanh(x) ** 2)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+  variables = Net().init(jax.random.PRNGKey(1), x, train=False)
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  assert set(stats) == {"mean", "var"} and set(variables["params"]["BatchNorm_0"]) == {"scale", "bias"}
+  stats = {"mean": stats["mean"] + 0.3, "var": stats["var"] * 2.0}  # Not the batch's statistics.
+  variables = {"params": variables["params"], "batch_stats": {"BatchNorm_0": stats}}
+
+  def loss(params):
+    out, updates = Net().apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               train=True, mutable=["batch_stats"])
+    return out, updates
+
+  (train_out, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  np.testing.assert_allclose(train_out, Net().apply(variables, x, train=False), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_array_equal(a, b)  # The statistics stay.
+  for leaf in ("scale", "bias"):
+    assert np.abs(np.asarray(grads["BatchNorm_0"][leaf])).min() > 0
+    stepped = variables["params"]["BatchNorm_0"][leaf] - 0.1 * grads["BatchNorm_0"][leaf]
+    assert np.all(stepped != variables["params"]["BatchNorm_0"][leaf])
+
+  # BN-Inception passes the setting to every BatchNorm: scale and offset among the parameters.
+  model = models.get("bn_inception", embed_dim=4, frozen_bn=True, frozen_bn_affine=False)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  assert set(shapes["params"]["backbone"]["conv1_7x7_s2_bn"]) == {"scale", "bias"}
+  assert set(shapes["batch_stats"]["backbone"]["conv1_7x7_s2_bn"]) == {"mean", "var"}
+
+
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(KeyError, match="known models"):
     models.get("vgg")

@@ -1,10 +1,17 @@
-"""What the train step hands a miner (the miner interface: mmsi_jax/mining/__init__.py)."""
+"""What the train step hands a miner, and what a miner may tell it back (the miner interface:
+mmsi_jax/mining/__init__.py)."""
 
 from typing import Any, Callable, NamedTuple
 
 import jax
 
 from mmsi_jax import losses
+
+# A miner's metric that gates the step's update: when a miner's metrics hold it, the step applies its
+# update only where it is > 0 and otherwise keeps the parameters, the optimizer state and the BatchNorm
+# statistics as they were (the step is counted, and the references' and miner's states move on). A
+# miner that never skips an update leaves it out.
+UPDATE = "miner/update"
 
 
 class StepInputs(NamedTuple):

@@ -27,10 +27,18 @@ Modes:
 Scope of the virtual step: `all` parameters (the authors' choice) or the embedding `head` only, with the
 backbone features computed once and reused (far cheaper).
 
-Warm-up: until the dictionary covers every training class (authors) and `warmup_steps` have passed,
-steps use m = 1 (the plain loss) and only fill the dictionary.
+Warm-up: until the dictionary holds `min_classes` classes (0: every training class) and `warmup_steps`
+have passed, steps only fill the dictionary and take either plain-loss updates (m = 1) or, as the
+authors, no update at all (`warmup_update`).
+
+The authors' exact step (docs/METHODS.md, MMSI) is a setting of four more switches: `enqueue` ("before":
+the batch joins the dictionary before the meta loss), `meta_references` ("dictionary": the validation
+batch against the dictionary only), `meta_mining` (False: the meta loss unmined) and `warmup_update`
+("none": no update until T classes are held, nor when the meta loss is exactly 0). A step without an
+update reports it to the train step through the metric `mining.base.UPDATE`.
 """
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax
@@ -43,12 +51,15 @@ import optax
 from mmsi_jax import losses
 from mmsi_jax.data.sampler import ExtraBatch
 from mmsi_jax.mining import memory as memory_lib
-from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.mining.base import UPDATE, StepInputs
 from mmsi_jax.models import HEAD, MODEL_PARAMS
 
 MODES = ("weighting_net", "l2rw")
 SCOPES = ("all", "head")
 VALIDATIONS = ("train_classes", "held_out")
+META_REFERENCES = ("dictionary", "dictionary_and_validation")
+ENQUEUES = ("before", "after")
+WARMUP_UPDATES = ("plain", "none")
 VALIDATION = "validation"  # The name of the validation batch among the step's extra batches.
 
 
@@ -106,22 +117,41 @@ class MMSI:
                scope: str, virtual_lr: float, validation: str, validation_classes: int,
                held_out_fraction: float, memory_layout: str, memory_size: int,
                wait_for_coverage: bool, warmup_steps: int, net_hidden: Sequence[int],
-               net_learning_rate: float):
+               net_learning_rate: float, min_classes: int = 0,
+               meta_references: str = "dictionary_and_validation", enqueue: str = "after",
+               warmup_update: str = "plain", meta_mining: bool = True):
     if mode not in MODES:
       raise ValueError(f"miner.mmsi.mode={mode!r} is not one of {MODES}.")
     if scope not in SCOPES:
       raise ValueError(f"miner.mmsi.scope={scope!r} is not one of {SCOPES}.")
     if validation not in VALIDATIONS:
       raise ValueError(f"miner.mmsi.validation={validation!r} is not one of {VALIDATIONS}.")
+    if meta_references not in META_REFERENCES:
+      raise ValueError(f"miner.mmsi.meta_references={meta_references!r} is not one of "
+                       f"{META_REFERENCES}.")
+    if enqueue not in ENQUEUES:
+      raise ValueError(f"miner.mmsi.enqueue={enqueue!r} is not one of {ENQUEUES}.")
+    if warmup_update not in WARMUP_UPDATES:
+      raise ValueError(f"miner.mmsi.warmup_update={warmup_update!r} is not one of {WARMUP_UPDATES}.")
+    if min_classes < 0:
+      raise ValueError(f"miner.mmsi.min_classes={min_classes} must be >= 0 (0: every class).")
     if validation_classes < 2:
       raise ValueError("miner.mmsi.validation_classes must be at least 2 (the meta loss needs "
                        "negatives).")
     self.config = ml_collections.ConfigDict(dict(
         mode=mode, scope=scope, virtual_lr=virtual_lr, memory_layout=memory_layout,
-        memory_size=memory_size, wait_for_coverage=wait_for_coverage, warmup_steps=warmup_steps))
+        memory_size=memory_size, wait_for_coverage=wait_for_coverage, warmup_steps=warmup_steps,
+        min_classes=min_classes, meta_references=meta_references, enqueue=enqueue,
+        warmup_update=warmup_update, meta_mining=meta_mining))
     self.model = model
     self.pair_loss = pair_loss
     self.hparams = hparams
+    # The meta loss's hyperparameters: the training loss's, with its pair mining off if so asked (a
+    # loss without a `mine` switch, e.g. contrastive, mines nothing anyway).
+    self.meta_hparams = dict(hparams)
+    if (not meta_mining and callable(pair_loss)
+        and "mine" in inspect.signature(pair_loss).parameters):
+      self.meta_hparams["mine"] = False
     self.num_classes = num_classes
     self.net = WeightingNet(tuple(net_hidden))
     self.net_tx = optax.adam(net_learning_rate)
@@ -172,12 +202,20 @@ class MMSI:
     return self.config.virtual_lr if self.config.virtual_lr > 0 else inputs.learning_rate
 
   def _validation_loss(self, memory: memory_lib.Memory, inputs: StepInputs, embed_validation):
-    """theta_scope -> L_val: the validation batch against the dictionary, unweighted."""
+    """theta_scope -> L_val: the validation batch against the dictionary (and, with meta_references
+    "dictionary_and_validation", against itself too), unweighted."""
+    labels = inputs.extras[VALIDATION]["labels"]
+
     def validation_loss(theta):
-      val = losses.build_pairs(embed_validation(theta), inputs.extras[VALIDATION]["labels"],
-                               ref_embeddings=memory.embeddings, ref_labels=memory.labels,
-                               ref_valid=memory.valid)
-      return self.pair_loss(val.sim, val.pos, val.neg, **self.hparams)
+      embeddings = embed_validation(theta)
+      if self.config.meta_references == "dictionary_and_validation":
+        val = losses.build_pairs(embeddings, labels, ref_embeddings=memory.embeddings,
+                                 ref_labels=memory.labels, ref_valid=memory.valid)
+      else:  # The authors': the dictionary's columns only.
+        same = labels[:, None] == memory.labels[None, :]
+        val = losses.Pairs(embeddings @ memory.embeddings.astype(embeddings.dtype).T,
+                           same & memory.valid[None, :], ~same & memory.valid[None, :])
+      return self.pair_loss(val.sim, val.pos, val.neg, **self.meta_hparams)
     return validation_loss
 
   def meta_loss_fn(self, memory: memory_lib.Memory, inputs: StepInputs) -> Callable:
@@ -242,22 +280,42 @@ class MMSI:
     return (multipliers, state.replace(net_params=net_params, net_opt_state=net_opt_state), loss,
             jnp.zeros((), bool))
 
+  @property
+  def class_threshold(self) -> int:
+    """T: the classes the dictionary must hold before meta-weighting starts (min_classes, 0 or more
+    than there are: every training class)."""
+    return min(self.config.min_classes or self.num_classes, self.num_classes)
+
   def ready(self, state: MMSIState, step: jax.Array) -> jax.Array:
-    """Whether meta-weighting is on: past the warm-up steps and, if required, full class coverage."""
+    """Whether meta-weighting is on: past the warm-up steps and, if required, the dictionary holds
+    at least T classes (`class_threshold`)."""
     ready = step >= self.config.warmup_steps
     if self.config.wait_for_coverage:
-      ready &= memory_lib.covered_classes(state.memory, self.num_classes) >= self.num_classes
+      ready &= memory_lib.covered_classes(state.memory, self.num_classes) >= self.class_threshold
     return ready
 
+  def _enqueue(self, state: MMSIState, inputs: StepInputs) -> MMSIState:
+    return state.replace(memory=memory_lib.enqueue(state.memory, inputs.embeddings, inputs.labels))
+
   def multipliers(self, state: MMSIState, inputs: StepInputs):
-    """(m [B, M], new state with the batch enqueued, metrics) for one step."""
+    """(m [B, M], new state with the batch enqueued, metrics) for one step.
+
+    With warmup_update "none" the metrics hold `UPDATE` (1: apply the step's update, 0: keep the
+    parameters, optimizer state and BatchNorm statistics): 0 before meta-weighting starts and when
+    the meta loss is exactly 0, as the authors' code skips those steps.
+    """
+    if self.config.enqueue == "before":  # The authors': the dictionary holds this batch already.
+      state = self._enqueue(state, inputs)
     ready = self.ready(state, inputs.step)
-    # The meta step runs every step and its outcome is kept only when ready: XLA on the CPU compiles
+    # The meta step runs every step and its outcome is kept only when used: XLA on the CPU compiles
     # convolutions inside a lax.cond branch to a path tens of times slower, and warm-up is short.
     meta_multipliers, meta_state, meta_loss, fallback = self._meta_step(state, inputs)
-    state = jax.tree.map(lambda new, old: jnp.where(ready, new, old), meta_state, state)
+    skip_update = self.config.warmup_update == "none"
+    update = ready & (meta_loss != 0) if skip_update else jnp.ones((), bool)
+    keep_meta = ready & update
+    state = jax.tree.map(lambda new, old: jnp.where(keep_meta, new, old), meta_state, state)
     multipliers = jnp.where(ready, meta_multipliers, 1.0)
-    fallback &= ready
+    fallback &= keep_meta
     meta_loss = jnp.where(ready, meta_loss, 0.0)
     multipliers = jax.lax.stop_gradient(multipliers)
     pos, neg = inputs.pairs.pos & (inputs.weights != 0), inputs.pairs.neg & (inputs.weights != 0)
@@ -270,5 +328,8 @@ class MMSI:
         "mmsi/neg_weight": jnp.sum(jnp.where(neg, multipliers, 0.0)) / jnp.maximum(neg.sum(), 1),
         "mmsi/covered_classes": memory_lib.covered_classes(state.memory, self.num_classes),
     }
-    state = state.replace(memory=memory_lib.enqueue(state.memory, inputs.embeddings, inputs.labels))
+    if skip_update:
+      metrics[UPDATE] = update.astype(jnp.float32)
+    if self.config.enqueue == "after":
+      state = self._enqueue(state, inputs)
     return multipliers, state, metrics

@@ -51,16 +51,18 @@ class BatchNorm(nn.Module):
 
   Attributes:
     train: normalise with the batch's statistics and update the running ones (unless frozen).
-    frozen: always use the running statistics; they and the scale/offset are constants, kept in
-      "batch_stats" (not in "params": neither trained nor weight-decayed), as torch's BN-Inception
-      is fine-tuned with BatchNorm in eval mode and its affine parameters fixed.
+    frozen: always use the running statistics, never updated (torch's BatchNorm in eval mode).
     init: leaf name ("scale", "bias", "mean", "var") -> initializer, or None for the defaults.
+    frozen_affine: with `frozen`, the scale/offset are constants too, kept in "batch_stats" (not in
+      "params": neither trained nor weight-decayed), as e.g. MemVir's and Proxy-Anchor's frozen
+      BatchNorm; False keeps them trainable parameters, as the MMSI authors fine-tune BN-Inception.
   """
   train: bool
   frozen: bool = False
   init: Optional[Callable] = None
   momentum: float = 0.9
   epsilon: float = 1e-5
+  frozen_affine: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,7 +75,7 @@ class BatchNorm(nn.Module):
       return self.variable("batch_stats", leaf, lambda: init[leaf](None, shape, jnp.float32))
 
     mean, var = constant("mean"), constant("var")
-    if self.frozen:
+    if self.frozen and self.frozen_affine:
       scale, bias = constant("scale").value, constant("bias").value
     else:
       scale, bias = self.param("scale", init["scale"], shape), self.param("bias", init["bias"], shape)
@@ -95,13 +97,15 @@ class BNInceptionBackbone(nn.Module):
 
   Attributes:
     pooling: "max", "avg", "max_avg" (concatenated) or "max_plus_avg" (summed, as the DML codes do).
-    frozen_bn: BatchNorm in inference mode with fixed scale/offset (see BatchNorm).
+    frozen_bn: BatchNorm in inference mode: running statistics, never updated (see BatchNorm).
+    frozen_bn_affine: with frozen_bn, BatchNorm's scale/offset fixed too (True) or trained (False).
     pretrained: path of the torch state dict (.npz or .pth) whose values `init` returns; "" for random
       initialisation.
   """
   pooling: str = "max"
   frozen_bn: bool = False
   pretrained: str = ""
+  frozen_bn_affine: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -119,7 +123,8 @@ class BNInceptionBackbone(nn.Module):
                   kernel_init=init(name, "kernel", nn.initializers.lecun_normal()),
                   bias_init=init(name, "bias", nn.initializers.zeros), name=name)(x)
       bn_init = None if weights is None else lambda leaf: init(f"{name}_bn", leaf, None)
-      x = BatchNorm(train, self.frozen_bn, bn_init, name=f"{name}_bn")(x)
+      x = BatchNorm(train, self.frozen_bn, bn_init, frozen_affine=self.frozen_bn_affine,
+                    name=f"{name}_bn")(x)
       return nn.relu(x)
 
     x = conv_bn(images, "conv1_7x7_s2", 64, 7, 2)
@@ -145,13 +150,16 @@ class BNInceptionBackbone(nn.Module):
 
 
 def bn_inception(embed_dim: int = 512, pooling: str = "max", frozen_bn: bool = False,
-                 pretrained: str = "") -> EmbeddingNet:
+                 pretrained: str = "", frozen_bn_affine: bool = True) -> EmbeddingNet:
   """BN-Inception -> linear -> L2 norm. `pretrained`: torch state dict of the `pretrainedmodels`
-  "bninception" ImageNet model (.npz or .pth; models/torch_weights.py), "" for random initialisation."""
+  "bninception" ImageNet model (.npz or .pth; models/torch_weights.py), "" for random initialisation.
+  BatchNorm: trained (frozen_bn False); running statistics with fixed scale and offset (frozen_bn);
+  running statistics with trained scale and offset (frozen_bn and not frozen_bn_affine: the MMSI
+  authors' fine-tuning, docs/METHODS.md)."""
   if pretrained and not os.path.isfile(pretrained):
     raise torch_weights.WeightsError(
         f"model.pretrained={pretrained!r}: no such file. Put the ImageNet weights of the "
         f"pretrainedmodels 'bninception' there (bn_inception-52deb4733.pth, or that state dict saved as "
         f".npz: see mmsi_jax/models/torch_weights.py), or pass --config.model.pretrained='' to start "
         f"from random initialisation.")
-  return EmbeddingNet(BNInceptionBackbone(pooling, frozen_bn, pretrained), embed_dim)
+  return EmbeddingNet(BNInceptionBackbone(pooling, frozen_bn, pretrained, frozen_bn_affine), embed_dim)
