@@ -42,7 +42,8 @@ class ResNetBackbone(nn.Module):
 
   Attributes:
     stage_sizes: blocks per stage. bottleneck: block type. pooling: "max", "avg" or "max_avg".
-    frozen_bn: BatchNorm always uses (and never updates) its running statistics.
+    frozen_bn: BatchNorm always uses (and never updates) its running statistics; its scale and
+      offset stay trained (as BN-Inception's frozen_bn with frozen_bn_affine=False).
   """
   stage_sizes: Sequence[int]
   bottleneck: bool
