@@ -12,6 +12,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/default.py has no variants, got {variant!r}.")
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameter init, PK sampling and augmentation.
+  # Start from another run's model weights and batch statistics (not its optimizer state or step): its
+  # workdir (latest checkpoint) or one checkpoint, <workdir>/checkpoints/<step>. "": the model's own init.
+  config.init_from = ""
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "glyphs"  # Dataset registered in mmsi_jax.data.pipeline.

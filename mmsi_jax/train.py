@@ -145,8 +145,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # Built first: a missing weights file (model.pretrained) stops the run before any data work.
+  # Built first: a missing weights file (model.pretrained, init_from) stops the run before any data work.
   model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+  initial_weights = checkpointing.read_weights(config.init_from) if config.init_from else None
   data = config.data
   if primary:
     pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
@@ -168,6 +169,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.data_mesh()
   state = jax.device_put(state, parallel.replicated(mesh))
   state, restored_step = checkpointing.restore_latest(ckpt, state)
+  if restored_step is None and initial_weights is not None:  # A resumed run keeps its own weights.
+    state = jax.device_put(checkpointing.init_from(state, initial_weights, config.init_from),
+                           parallel.replicated(mesh))
+    say(f"Starting from the model weights of {config.init_from} (not its optimizer state or step).")
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step) if primary else reporting.NullWriter()
   evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None)

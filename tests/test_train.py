@@ -205,3 +205,35 @@ def test_command_line_rejects_a_wrong_config_override(tmp_path, override, messag
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(glyphs_dir, tmp_path):
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=20), first)
+  _, first_state = latest_params(first)
+  weights = train.checkpointing.read_weights(first)
+  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(
+      {"params": first_state["params"]["model"], "batch_stats": first_state["batch_stats"]})):
+    np.testing.assert_array_equal(a, b)
+
+  config = tiny_config(glyphs_dir, num_steps=10)
+  config.init_from = os.path.join(first, "checkpoints", "20")  # One checkpoint, named.
+  second = str(tmp_path / "second")
+  train.train_and_evaluate(config, second)
+  fresh = str(tmp_path / "fresh")
+  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=10), fresh)
+
+  def losses_of(workdir):
+    return [r["train/loss"] for r in reporting.read_metrics(workdir) if "train/loss" in r]
+  # Steps count from 0 again, from the trained weights: the loss starts where the first run ended.
+  assert [r["step"] for r in reporting.read_metrics(second) if "train/loss" in r] == [5, 10]
+  assert losses_of(second)[0] < losses_of(fresh)[0]
+  assert losses_of(second)[0] < 1.1 * losses_of(first)[-1]
+
+  config.init_from = str(tmp_path / "nothing_here")
+  with pytest.raises(FileNotFoundError, match="nothing_here.: no such directory"):
+    train.train_and_evaluate(config, str(tmp_path / "third"))
+  config.init_from = first
+  config.model.embed_dim = 8
+  with pytest.raises(ValueError, match=r"does not fit this model's params: .*mis-shaped \[.*head"):
+    train.train_and_evaluate(config, str(tmp_path / "fourth"))
