@@ -35,7 +35,8 @@ ret_benchmark/config/defaults.py):
 MemVir's baseline setup for the softmax-type proxy losses (Ko et al., ICCV 2021; navervision/MemVir,
 main.py and README.md):
   norm_softmax, cosface, arcface, proxy_nca
-    global average pooling, linear -> 512, frozen BatchNorm; random-resized crop 224 (scale 0.08 to 1)
+    global average pooling, linear -> 512, BatchNorm with frozen statistics and trained scale and
+    offset; random-resized crop 224 (scale 0.08 to 1)
     and flips, resize 256 and centre crop 224 for testing; batches of 128; Adam, eps 0.01, weight decay
     1e-4, lr 1e-4 and 1e-2 for the proxies (x100); 130 epochs. NormSoftmax scale 23 (temperature 1/23),
     proxies U(+-1/sqrt(C)); ProxyNCA scale 12 (README, Cars), proxies N(0, 2/D). CosFace (s 64, m 0.35)
@@ -186,6 +187,7 @@ def memvir_baseline(dataset: str, variant: str) -> ml_collections.ConfigDict:
   spec = DATASETS[dataset]
   config = _bn_inception(dataset, image_size=224, crop_scale=(0.08, 1.0), pooling="avg",
                          frozen_bn=True, classes_per_batch=32, samples_per_class=4)
+  config.model.frozen_bn_affine = False  # MemVir freezes the statistics only (main.py).
   hparams, proxies = MEMVIR_BASELINES[variant]
   _set_loss(config, variant, hparams)
   config.references.name = "proxies"

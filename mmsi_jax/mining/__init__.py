@@ -13,7 +13,9 @@ with pure, jittable methods:
                                               by the model optimizer) and its own state, kept in
                                               TrainState.miner
   multipliers(state, inputs) -> (m, state, metrics)
-                                              m [B, M] >= 0 for the step's pairs (StepInputs)
+                                              m [B, M] >= 0 for the step's pairs (StepInputs); with
+                                              the metric base.UPDATE it may keep the step from
+                                              updating the parameters (see base.py)
 
 The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij. "none" is no miner (m = 1: the loss's own
 gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
