@@ -117,9 +117,8 @@ class MMSI:
                scope: str, virtual_lr: float, validation: str, validation_classes: int,
                held_out_fraction: float, memory_layout: str, memory_size: int,
                wait_for_coverage: bool, warmup_steps: int, net_hidden: Sequence[int],
-               net_learning_rate: float, min_classes: int = 0,
-               meta_references: str = "dictionary_and_validation", enqueue: str = "after",
-               warmup_update: str = "plain", meta_mining: bool = True):
+               net_learning_rate: float, min_classes: int, meta_references: str, enqueue: str,
+               warmup_update: str, meta_mining: bool):
     if mode not in MODES:
       raise ValueError(f"miner.mmsi.mode={mode!r} is not one of {MODES}.")
     if scope not in SCOPES:
