@@ -96,6 +96,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # The meta loss mines pairs as the training loss does (True), or not (False, authors: an unmined MS);
   # only losses with a `mine` argument (multi_similarity) mine.
   config.miner.mmsi.meta_mining = True
+  # Where m acts: False, on the loss's pair gradients (m * dL/dS, any loss); True, inside the loss,
+  # L(S; m) (the authors' MS: m S in the exponents, so that at l2rw's m = 0 the weights are the same
+  # for every positive of an anchor, and negatives get ~exp(-beta / 2) of a positive's; mode "l2rw"
+  # and multi_similarity only). The authors' MS also has the prefactor 2: loss.hparams.prefactor = 2.
+  config.miner.mmsi.multipliers_in_loss = False
   config.miner.mmsi.net_hidden = (32, 32)  # Hidden widths of the weighting net phi.
   config.miner.mmsi.net_learning_rate = 1e-3  # Adam learning rate of phi.
 

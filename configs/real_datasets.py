@@ -17,8 +17,9 @@ MMSI's authors' setup (their released code):
     per-class dictionary (1 embedding per class for contrastive, 100 for MS; 12 on SOP, the most
     images an SOP class has) into which the batch is enqueued before the meta loss, the meta loss
     against the dictionary only and unmined, and no update at all until the dictionary holds 98
-    classes (CUB, Cars) or 1,000 (SOP), nor when the meta loss is exactly 0. The MMSI code fine-tunes
-    MS checkpoints at lr 1e-7; here every variant starts from ImageNet at 1e-5.
+    classes (CUB, Cars) or 1,000 (SOP), nor when the meta loss is exactly 0; for MS, the authors'
+    weighting: the multipliers scale S inside MS's exponents, with the prefactor 2/alpha, 2/beta. The
+    MMSI code fine-tunes MS checkpoints at lr 1e-7; here every variant starts from ImageNet at 1e-5.
 
 XBM's setup (Wang et al., CVPR 2020; msight-tech/research-xbm, configs/sample_config.yaml and
 ret_benchmark/config/defaults.py):
@@ -157,12 +158,15 @@ def mmsi_authors(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.optim.learning_rate = 1e-5
   config.optim.weight_decay = 5e-4
   if variant.startswith("mmsi_"):
+    if ms:  # The authors' MS weighting (docs/METHODS.md, MMSI).
+      config.loss.hparams.prefactor = 2.0
     config.miner.name = "mmsi"
     config.miner.mmsi.update(
         mode="l2rw", scope="all", virtual_lr=0.0, validation="train_classes", validation_classes=10,
         memory_layout="per_class", memory_size=spec.mmsi_ms_memory_size if ms else 1,
         wait_for_coverage=True, min_classes=spec.mmsi_min_classes, warmup_steps=0,
-        warmup_update="none", enqueue="before", meta_references="dictionary", meta_mining=False)
+        warmup_update="none", enqueue="before", meta_references="dictionary", meta_mining=False,
+        multipliers_in_loss=ms)
   config.train.num_steps = spec.mmsi_steps
   return config
 

@@ -12,6 +12,7 @@ the trainer (train.py) and the benchmarks (bench/) both go through them.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -188,6 +189,41 @@ def similarities(components: Components, state: TrainState, images: jax.Array, l
   return jax.vjp(sim_of, state.params, has_aux=True)
 
 
+def _objective(refs, loss_fn, hparams: dict, references_state, step: jax.Array, pairs: losses.Pairs,
+               sim: jax.Array, multipliers: Optional[jax.Array] = None):
+  return refs.objective(references_state, step, pairs._replace(sim=sim), loss_fn, hparams, multipliers)
+
+
+def objective_of(components: Components, references_state, step: jax.Array,
+                 pairs: losses.Pairs) -> jax.tree_util.Partial:
+  """(sim [B, M], multipliers [B, M] or None) -> (L, metrics): the step's objective (the references'
+  loss over `pairs` with S = sim), as a jax.tree_util.Partial that can cross a jit boundary."""
+  return jax.tree_util.Partial(
+      functools.partial(_objective, components.references, components.loss_fn, components.hparams),
+      references_state, step, pairs)
+
+
+def _multiplied_cotangent(multipliers_in_loss: bool, objective, sim: jax.Array, weights: jax.Array,
+                          multipliers: Optional[jax.Array]) -> jax.Array:
+  if multipliers is None:
+    return weights
+  if multipliers_in_loss:
+    return jax.grad(lambda s: objective(s, multipliers)[0])(sim)
+  return jax.grad(losses.weighted_pair_loss)(sim, weights, multipliers)
+
+
+def multiplied_cotangent(objective: jax.tree_util.Partial, sim: jax.Array, weights: jax.Array,
+                         multipliers_in_loss: bool) -> jax.tree_util.Partial:
+  """multipliers m [B, M] (or None: m = 1) -> dL_m/dS [B, M], the cotangent of the update.
+
+  m re-weights the pair gradients, dL_m/dS = m * W (the unified form, losses.weighted_pair_loss), or,
+  with `multipliers_in_loss`, goes inside the loss: dL_m/dS = grad_S L(S; m) (`objective_of`; MMSI's
+  authors' MS, docs/METHODS.md). A jax.tree_util.Partial, like StepInputs' other functions.
+  """
+  return jax.tree_util.Partial(functools.partial(_multiplied_cotangent, multipliers_in_loss),
+                               objective, sim, weights)
+
+
 def make_train_step(components: Components, mesh=None) -> Callable:
   """The jitted step `(state, batch) -> (state, metrics)` for one batch of uint8 images, normalised on
   the device (transforms.normalize). With a mesh, the new state and the metrics come out replicated
@@ -202,11 +238,11 @@ def make_train_step(components: Components, mesh=None) -> Callable:
     sim, sim_vjp, (pairs, features, embeddings, batch_stats, references_state) = similarities(
         components, state, normalize(batch["images"]), labels)
 
-    def objective(sim):
-      return refs.objective(references_state, state.step, pairs._replace(sim=sim),
-                            components.loss_fn, components.hparams)
-
+    objective = objective_of(components, references_state, state.step, pairs)
     (loss, metrics), weights = jax.value_and_grad(objective, has_aux=True)(sim)
+    cotangent_of = multiplied_cotangent(objective, sim, weights,
+                                        getattr(miner, "multipliers_in_loss", False))
+
     metrics = {
         "train/loss": loss,
         "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
@@ -218,7 +254,8 @@ def make_train_step(components: Components, mesh=None) -> Callable:
     if miner is not None:
       inputs = mining.StepInputs(
           step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
-          features=features, embeddings=embeddings, pairs=pairs, weights=weights, sim_vjp=sim_vjp,
+          features=features, embeddings=embeddings, pairs=pairs, weights=weights,
+          cotangent_of=cotangent_of, sim_vjp=sim_vjp,
           pairs_of=jax.tree_util.Partial(refs.pairs, references_state),
           extras={name: {"images": normalize(extra["images"]), "labels": extra["labels"]}
                   for name, extra in batch.get(EXTRA, {}).items()},
@@ -226,7 +263,7 @@ def make_train_step(components: Components, mesh=None) -> Callable:
       multipliers, miner_state, miner_metrics = miner.multipliers(state.miner, inputs)
       metrics.update(miner_metrics)
       update = miner_metrics.get(UPDATE)  # The miner may skip this step's update (mining/base.py).
-    (grads,) = sim_vjp(jax.grad(losses.weighted_pair_loss)(sim, weights, multipliers))
+    (grads,) = sim_vjp(cotangent_of(multipliers))
     updates, opt_state = components.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if update is not None:  # Selected, not branched: see mining/mmsi.py on lax.cond on the CPU.

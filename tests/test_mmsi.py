@@ -48,8 +48,10 @@ class LinearEmbedding(nn.Module):
     return self.embed(self.features(images, train))
 
 
-def step_inputs(model, variables, rng, *, batch=12, classes=4, val=4, memory_rows=10):
-  """StepInputs of a random problem, built by the train step's own forward pass, and a filled memory."""
+def step_inputs(model, variables, rng, *, batch=12, classes=4, val=4, memory_rows=10,
+                multipliers_in_loss=False):
+  """StepInputs of a random problem, built by the train step's own forward pass, and a filled memory;
+  the update's multipliers re-weight dL/dS or, with `multipliers_in_loss`, go inside the loss."""
   keys = jax.random.split(rng, 4)
   images = jax.random.normal(keys[0], (batch, 4, 4, 3), jnp.float64)
   labels = jnp.arange(batch) % classes
@@ -64,9 +66,13 @@ def step_inputs(model, variables, rng, *, batch=12, classes=4, val=4, memory_row
   sim, sim_vjp, (pairs, features, embeddings, _, _) = step.similarities(components, state, images,
                                                                        labels)
   weights = losses.pair_weights(components.loss_fn, pairs, **HPARAMS)
+
   inputs = mining.StepInputs(
       step=state.step, params=state.params, batch_stats=state.batch_stats, labels=labels,
-      features=features, embeddings=embeddings, pairs=pairs, weights=weights, sim_vjp=sim_vjp,
+      features=features, embeddings=embeddings, pairs=pairs, weights=weights,
+      cotangent_of=step.multiplied_cotangent(step.objective_of(components, None, state.step, pairs),
+                                             sim, weights, multipliers_in_loss),
+      sim_vjp=sim_vjp,
       pairs_of=jax.tree_util.Partial(refs.pairs, None),
       extras={VALIDATION: {"images": val_images, "labels": val_labels}},
       learning_rate=jnp.array(0.1))
@@ -116,6 +122,34 @@ def test_meta_gradients_match_finite_differences(scope):
     expected_loss, expected_grad = jax.jit(jax.value_and_grad(meta_loss))(jnp.zeros_like(at))
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+def test_meta_gradients_with_the_multipliers_inside_the_loss():
+  """The authors' MS weighting, L(S; m) with m S in the exponents: the meta-gradient through the
+  virtual step matches finite differences, and l2rw's closed form at m = 0 matches autodiff."""
+  with jax.enable_x64(True):
+    model = tiny_cnn()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3), jnp.float64))
+    variables = jax.tree.map(lambda x: x.astype(jnp.float64), variables)
+    inputs, memory = step_inputs(model, variables, jax.random.PRNGKey(1), multipliers_in_loss=True)
+    miner = mining.build(mmsi_config(mode="l2rw", multipliers_in_loss=True), model,
+                         losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=4)
+    meta_loss = miner.meta_loss_fn(memory, inputs)
+    at = jax.random.uniform(jax.random.PRNGKey(2), inputs.weights.shape, jnp.float64)
+    for m in (jnp.zeros_like(at), at):
+      check_grads(jax.jit(meta_loss), (m,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-5)
+    loss, grad = jax.jit(miner.meta_grad_at_zero)(memory, inputs)
+    expected_loss, expected_grad = jax.jit(jax.value_and_grad(meta_loss))(jnp.zeros_like(at))
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-9, atol=1e-13)
+    # Unlike m * W, the weights at m = 0 are the same for every mined positive of an anchor.
+    positives = np.asarray(inputs.pairs.pos[0] & (inputs.weights[0] != 0))
+    at_zero = np.asarray(jax.jvp(inputs.cotangent_of, (jnp.zeros_like(at),),
+                                 (jnp.ones_like(at),))[1])[0][positives]
+    assert positives.sum() >= 2 and np.ptp(at_zero) < 1e-12 * np.abs(at_zero).max()
+    with pytest.raises(ValueError, match="multipliers_in_loss"):
+      mining.build(mmsi_config(mode="l2rw", multipliers_in_loss=True), model,
+                   losses.get_pair_loss("contrastive"), {}, num_classes=4)
 
 
 def test_l2rw_weights_equal_the_closed_form_for_a_linear_embedding():

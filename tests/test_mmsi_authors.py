@@ -7,8 +7,10 @@ dictionary only, an unmined meta loss, a virtual step over all parameters at the
 weights relu(-dL_meta/dm) divided by their sum, then by their maximum. Flipping a switch changes the
 weights (or, for the warm-up switches, whether the step updates at all).
 
-The training pairs' W = dL/dS is the project's unified form for both losses (the authors' MS weights
-inside the exponent are a documented departure, not tested here).
+For MS the weights scale S inside the exponents (`multipliers_in_loss`, with the prefactor 2), so the
+weights' coefficients are the loss's pair gradients at S = 0 and the real update is the gradient of
+L(m S); for contrastive, linear in its pair terms, that is the same as re-weighting dL/dS. The real
+update's gradient and Adam step are checked too.
 """
 
 import dataclasses
@@ -129,8 +131,11 @@ def contrastive_grad(sim, pos, neg, pos_margin=1.0, neg_margin=0.8):
           + np.where(neg & (sim > neg_margin), 1.0, 0.0)) / sim.shape[0]
 
 
-def ms_grad(sim, pos, neg, alpha, beta, base, epsilon, mine):
-  """dL/dS of the MS loss averaged over anchors (mined with epsilon, or not)."""
+def ms_grad(sim, pos, neg, alpha, beta, base, epsilon, mine, prefactor=1.0, at=None):
+  """dL/dX of the MS loss averaged over anchors, c/alpha log(1 + sum_p exp(-alpha (X_p - base))) + c/beta
+  log(1 + sum_n exp(beta (X_n - base))), at X = `at` (default: S), its pairs mined on S with epsilon (or
+  not); c the prefactor."""
+  at = sim if at is None else at
   grad = np.zeros_like(sim)
   for i in range(sim.shape[0]):
     p, n = pos[i].copy(), neg[i].copy()
@@ -140,14 +145,23 @@ def ms_grad(sim, pos, neg, alpha, beta, base, epsilon, mine):
       n = neg[i] & (sim[i] + epsilon > hardest_pos)
     if not (p.any() and n.any()):
       continue
-    ep = np.where(p, np.exp(-alpha * (sim[i] - base)), 0.0)
-    en = np.where(n, np.exp(beta * (sim[i] - base)), 0.0)
+    ep = np.where(p, np.exp(-alpha * (at[i] - base)), 0.0)
+    en = np.where(n, np.exp(beta * (at[i] - base)), 0.0)
     grad[i] = -ep / (1 + ep.sum()) + en / (1 + en.sum())
-  return grad / sim.shape[0]
+  return prefactor * grad / sim.shape[0]
 
 
-def authors_weights(params, x, xv, dictionary, d_size, loss, hparams, lr):
-  """The authors' l2rw weights [B, B] for one step (docs/METHODS.md, MMSI)."""
+def backprop(params, x, h, z, e, g_e):
+  """The MLP's parameter gradients for dL/de = g_e (the forward pass's h, z, e)."""
+  norm = np.linalg.norm(z, axis=1, keepdims=True)
+  g_z = (g_e - e * np.sum(e * g_e, axis=1, keepdims=True)) / norm
+  g_a = (g_z @ params["w2"].T) * (1 - h ** 2)
+  return {"w1": x.T @ g_a, "b1": g_a.sum(0), "w2": h.T @ g_z, "b2": g_z.sum(0)}
+
+
+def authors_step(params, x, xv, dictionary, d_size, loss, hparams, lr):
+  """The authors' l2rw weights [B, B] for one step (docs/METHODS.md, MMSI) and the real update's
+  parameter gradients; for MS the weights scale S inside the exponents: L(m S)."""
   h, z, e = forward(params, x)
   # 1. Enqueue first: a per-class FIFO of the last d_size embeddings.
   dictionary = {c: list(rows)[-d_size:] for c, rows in dictionary.items()}
@@ -157,25 +171,22 @@ def authors_weights(params, x, xv, dictionary, d_size, loss, hparams, lr):
   ref_labels = np.array([c for c, rows in dictionary.items() for _ in rows])
   refs = np.array([row for rows in dictionary.values() for row in rows])
 
-  def pair_grad(sim, pos, neg, mine):
-    if loss == "contrastive":
+  def pair_grad(sim, pos, neg, mine, at=None):
+    if loss == "contrastive":  # Linear in the weights: m l(S) weights dL/dS by m.
       return contrastive_grad(sim, pos, neg, **hparams)
-    return ms_grad(sim, pos, neg, **hparams, mine=mine)
+    return ms_grad(sim, pos, neg, **hparams, mine=mine, at=at)
 
-  # 2. The batch's pairs and their loss gradient w_ij = dL/dS_ij (the training loss, mined).
+  # 2. The batch's pairs and the weights' coefficients w_ij = d^2 L(m S) / dS_ij dm_ij at m = 0: the
+  #    contrastive dL/dS_ij; for MS, dL/dX_ij at X = m S = 0 (the training loss, mined on S).
   same = BATCH_LABELS[:, None] == BATCH_LABELS[None, :]
   pos, neg = same & ~np.eye(len(x), dtype=bool), ~same
-  w = pair_grad(e @ e.T, pos, neg, mine=True)
+  sim = e @ e.T
+  w = pair_grad(sim, pos, neg, mine=True, at=np.zeros_like(sim))
   # 3. g' = grad_theta L_val: the validation batch against the dictionary only, unmined.
   hv, zv, ev = forward(params, xv)
   val_same = VAL_LABELS[:, None] == ref_labels[None, :]
   g_sim = pair_grad(ev @ refs.T, val_same, ~val_same, mine=False)
-  g_e = g_sim @ refs
-  norm = np.linalg.norm(zv, axis=1, keepdims=True)
-  g_z = (g_e - ev * np.sum(ev * g_e, axis=1, keepdims=True)) / norm
-  g_h = g_z @ params["w2"].T
-  g_a = g_h * (1 - hv ** 2)
-  g = {"w1": xv.T @ g_a, "b1": g_a.sum(0), "w2": hv.T @ g_z, "b2": g_z.sum(0)}
+  g = backprop(params, xv, hv, zv, ev, g_sim @ refs)
   # 4. dL_meta/dm_ij at m = 0 for theta'(m) = theta - lr grad sum_ij m_ij l_ij: -lr w_ij <grad S_ij, g'>,
   #    the directional derivative of S_ij along g' (forward mode).
   a_t = x @ g["w1"] + g["b1"]
@@ -188,7 +199,10 @@ def authors_weights(params, x, xv, dictionary, d_size, loss, hparams, lr):
   # 5. relu, divided by the sum, then by the maximum.
   m = np.maximum(-meta_grad, 0.0)
   m = m / m.sum()
-  return m / m.max()
+  m = m / m.max()
+  # 6. The real update's gradient: of sum_ij m_ij l_ij(S) (contrastive) or of L(m S) (MS).
+  cotangent = m * pair_grad(sim, pos, neg, mine=True, at=m * sim)
+  return m, backprop(params, x, h, z, e, (cotangent + cotangent.T) @ e)
 
 
 def numpy_params(state):
@@ -220,20 +234,31 @@ def test_the_authors_setup_runs_the_authors_step(variant):
     got = np.asarray(metrics["test/m"])
     hparams = dict(config.loss.hparams)
     d_size = config.miner.mmsi.memory_size
-    expected = authors_weights(params, normalised(images), normalised(val_images), dictionary,
-                               d_size, config.loss.name, hparams, 1e-5)
+    expected, real_grads = authors_step(params, normalised(images), normalised(val_images),
+                                        dictionary, d_size, config.loss.name, hparams, 1e-5)
     assert float(components.schedule(0)) == 1e-5  # The full rate from the first step.
     assert metrics[UPDATE] == 1 and metrics["mmsi/fallback"] == 0
     assert 3 <= np.count_nonzero(got) < got.size
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
-    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new_state.params, state.params)
-    assert all(jax.tree.leaves(changed))
+    # The real update: the gradient of the weighted loss, then Adam's first step with L2 decay.
+    np.testing.assert_allclose(metrics["train/grad_norm"],
+                               np.sqrt(sum(np.sum(g ** 2) for g in real_grads.values())), rtol=1e-9)
+    new_params = numpy_params(new_state)
+    for name, grad in real_grads.items():
+      grad = grad + config.optim.weight_decay * params[name]
+      np.testing.assert_allclose(new_params[name] - params[name],
+                                 -1e-5 * grad / (np.abs(grad) + config.optim.eps), rtol=1e-7,
+                                 atol=1e-15, err_msg=name)
 
     if variant == "mmsi_contrastive":
       return
+    # The authors' MS weighting: a negative's coefficient is exp(-beta / 2) ~ 2e-9 of a positive's.
+    negatives = ~(BATCH_LABELS[:, None] == BATCH_LABELS[None, :])
+    assert got[~negatives].max() == 1 and 0 < got[negatives].max() < 1e-7
     # Each switch flipped to the project's default changes the weights beyond the tolerance above (on
     # MS, where every one of them acts; on contrastive meta_mining has nothing to turn off).
-    flips = {"enqueue": "after", "meta_references": "dictionary_and_validation", "meta_mining": True}
+    flips = {"enqueue": "after", "meta_references": "dictionary_and_validation", "meta_mining": True,
+             "multipliers_in_loss": False}
     for key, value in flips.items():
       _, state, train_step = build(authors_config(variant, **{key: value}), dictionary)
       _, metrics = train_step(state, batch_of(images, val_images))

@@ -32,7 +32,8 @@ from mmsi_jax.losses.lifted_structure import lifted_structure
 from mmsi_jax.losses.multi_similarity import multi_similarity, multi_similarity_mining
 from mmsi_jax.losses.ntxent import ntxent
 from mmsi_jax.losses.pairs import (Pairs, build_pairs, build_proxy_pairs, loss_and_pair_weights,
-                                   pair_weights, weighted_pair_loss)
+                                   pair_loss_on, pair_weights, takes_multipliers,
+                                   weighted_pair_loss)
 from mmsi_jax.losses.proxies import arcface, cosface, norm_softmax, proxy_anchor, proxy_nca
 from mmsi_jax.losses.triplet import triplet
 from mmsi_jax.registry import Registry
@@ -117,7 +118,8 @@ def get(name: str):
 __all__ = [
     "Pairs", "arcface", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
     "cosface", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss", "lifted_structure",
-    "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_weights", "proxy_anchor",
-    "proxy_names", "proxy_nca", "registry_of", "triplet", "weighted_pair_loss", "PAIR_LOSSES",
+    "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_loss_on", "pair_weights",
+    "proxy_anchor", "proxy_names", "proxy_nca", "registry_of", "takes_multipliers", "triplet",
+    "weighted_pair_loss", "PAIR_LOSSES",
     "PROXY_LOSSES",
 ]

@@ -18,6 +18,7 @@ Proxy losses use the same form with other rows and columns (`build_proxy_pairs`)
 own class and `neg` the other classes. So `pair_weights` and `weighted_pair_loss` serve them as well.
 """
 
+import inspect
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -130,3 +131,20 @@ def weighted_pair_loss(sim: jax.Array, weights: jax.Array,
     weights = multipliers * weights
   return jnp.sum(weights * sim)
 
+
+MULTIPLIERS = "multipliers"  # The argument of a pair loss that takes per-pair multipliers inside it.
+
+
+def takes_multipliers(loss_fn: Callable) -> bool:
+  """Whether `loss_fn` can place per-pair multipliers inside itself (a `multipliers` argument, as
+  multi_similarity's m S in its exponents) rather than only on its pair gradients."""
+  return callable(loss_fn) and MULTIPLIERS in inspect.signature(loss_fn).parameters
+
+
+def pair_loss_on(loss_fn: Callable, pairs: Pairs, hparams: dict,
+                 multipliers: Optional[jax.Array] = None) -> jax.Array:
+  """loss_fn over `pairs`, with per-pair `multipliers` [B, M] passed inside it when given (the loss
+  must take them: `takes_multipliers`)."""
+  if multipliers is None:
+    return loss_fn(pairs.sim, pairs.pos, pairs.neg, **hparams)
+  return loss_fn(pairs.sim, pairs.pos, pairs.neg, **{MULTIPLIERS: multipliers}, **hparams)

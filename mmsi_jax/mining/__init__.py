@@ -17,8 +17,10 @@ with pure, jittable methods:
                                               the metric base.UPDATE it may keep the step from
                                               updating the parameters (see base.py)
 
-The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij. "none" is no miner (m = 1: the loss's own
-gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
+The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, or, for a miner whose attribute
+`multipliers_in_loss` is true, on the loss with m passed inside it, L(S; m) (MMSI's authors' MS: m S
+in the exponents; losses.takes_multipliers). StepInputs.cotangent_of is that choice's dL_m/dS. "none" is
+no miner (m = 1: the loss's own gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
 """
 
 from typing import Callable, Optional

@@ -25,6 +25,9 @@ class StepInputs(NamedTuple):
     features: [B, F] backbone features of the batch; embeddings: [B, D].
     pairs: the step's Pairs [B, M] (the columns the references component supplies).
     weights: W = dL/dS [B, M] of the step's objective.
+    cotangent_of: multipliers m [B, M] -> dL_m/dS [B, M], the cotangent the update sends back through
+      S: m * W, or grad_S L(S; m) for a miner that places m inside the loss (mining/__init__.py);
+      differentiable in m.
     sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,).
     pairs_of: (params, embeddings [B, D], labels [B]) -> Pairs, how this step builds S from the
       batch's embeddings (e.g. to differentiate S through the embedding head alone); a
@@ -41,6 +44,7 @@ class StepInputs(NamedTuple):
   embeddings: jax.Array
   pairs: losses.Pairs
   weights: jax.Array
+  cotangent_of: Callable
   sim_vjp: Callable
   pairs_of: Callable
   extras: dict

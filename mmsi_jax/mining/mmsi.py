@@ -31,11 +31,12 @@ Warm-up: until the dictionary holds `min_classes` classes (0: every training cla
 have passed, steps only fill the dictionary and take either plain-loss updates (m = 1) or, as the
 authors, no update at all (`warmup_update`).
 
-The authors' exact step (docs/METHODS.md, MMSI) is a setting of four more switches: `enqueue` ("before":
+The authors' exact step (docs/METHODS.md, MMSI) is a setting of five more switches: `enqueue` ("before":
 the batch joins the dictionary before the meta loss), `meta_references` ("dictionary": the validation
-batch against the dictionary only), `meta_mining` (False: the meta loss unmined) and `warmup_update`
-("none": no update until T classes are held, nor when the meta loss is exactly 0). A step without an
-update reports it to the train step through the metric `mining.base.UPDATE`.
+batch against the dictionary only), `meta_mining` (False: the meta loss unmined), `warmup_update`
+("none": no update until T classes are held, nor when the meta loss is exactly 0) and, for MS,
+`multipliers_in_loss` (True: m scales S inside MS's exponents, L(m S), instead of re-weighting dL/dS).
+A step without an update reports it to the train step through the metric `mining.base.UPDATE`.
 """
 
 import inspect
@@ -118,7 +119,7 @@ class MMSI:
                held_out_fraction: float, memory_layout: str, memory_size: int,
                wait_for_coverage: bool, warmup_steps: int, net_hidden: Sequence[int],
                net_learning_rate: float, min_classes: int, meta_references: str, enqueue: str,
-               warmup_update: str, meta_mining: bool):
+               warmup_update: str, meta_mining: bool, multipliers_in_loss: bool):
     if mode not in MODES:
       raise ValueError(f"miner.mmsi.mode={mode!r} is not one of {MODES}.")
     if scope not in SCOPES:
@@ -134,6 +135,13 @@ class MMSI:
       raise ValueError(f"miner.mmsi.warmup_update={warmup_update!r} is not one of {WARMUP_UPDATES}.")
     if min_classes < 0:
       raise ValueError(f"miner.mmsi.min_classes={min_classes} must be >= 0 (0: every class).")
+    if multipliers_in_loss and mode != "l2rw":
+      raise ValueError("miner.mmsi.multipliers_in_loss=True (the authors' MS weighting) is defined for "
+                       "mode='l2rw' only; set miner.mmsi.mode='l2rw' or multipliers_in_loss=False.")
+    if multipliers_in_loss and callable(pair_loss) and not losses.takes_multipliers(pair_loss):
+      raise ValueError(f"miner.mmsi.multipliers_in_loss=True needs a loss that takes per-pair "
+                       f"multipliers inside it (multi_similarity); {pair_loss.__name__} does not. "
+                       f"Set miner.mmsi.multipliers_in_loss=False.")
     if validation_classes < 2:
       raise ValueError("miner.mmsi.validation_classes must be at least 2 (the meta loss needs "
                        "negatives).")
@@ -141,7 +149,9 @@ class MMSI:
         mode=mode, scope=scope, virtual_lr=virtual_lr, memory_layout=memory_layout,
         memory_size=memory_size, wait_for_coverage=wait_for_coverage, warmup_steps=warmup_steps,
         min_classes=min_classes, meta_references=meta_references, enqueue=enqueue,
-        warmup_update=warmup_update, meta_mining=meta_mining))
+        warmup_update=warmup_update, meta_mining=meta_mining,
+        multipliers_in_loss=multipliers_in_loss))
+    self.multipliers_in_loss = multipliers_in_loss  # Read by the train step (mining/__init__.py).
     self.model = model
     self.pair_loss = pair_loss
     self.hparams = hparams
@@ -228,23 +238,28 @@ class MMSI:
     validation_loss = self._validation_loss(memory, inputs, embed_validation)
 
     def meta_loss(multipliers):
-      cotangent = jax.grad(losses.weighted_pair_loss)(inputs.pairs.sim, inputs.weights, multipliers)
+      cotangent = inputs.cotangent_of(multipliers)
       return validation_loss(jax.tree.map(lambda p, g: p - alpha * g, theta, grad_of(cotangent)))
     return meta_loss
 
   def meta_grad_at_zero(self, memory: memory_lib.Memory, inputs: StepInputs):
     """(L_meta, dL_meta/dm [B, M]) at m = 0 (l2rw), in closed form.
 
-    With theta'(m) = theta - alpha J^T (m * W) (section 4, step 3) the chain rule gives
+    With theta'(m) = theta - alpha J^T c(m), c(m) = dL_m/dS the update's cotangent (m * W, or with the
+    multipliers inside the loss m * W(m S)), c(0) = 0 and dc_ij/dm_kl = 0 for ij != kl at m = 0, so
+    the chain rule gives
 
-        dL_meta/dm = -alpha * W * (J g'),   g' = grad L_val(theta'),
+        dL_meta/dm = -alpha * W0 * (J g'),   W0 = dc/dm (0) [1...1],   g' = grad L_val(theta),
 
-    and at m = 0, theta' = theta. J g' is the transpose of the linear map J^T (`jax.linear_transpose`
-    of the train step's VJP): the convolutions of differentiating `meta_loss_fn`, without its virtual
-    step, a backward pass on a zero cotangent that XLA does not fold away.
+    W0 = W, or W(0) (the loss's pair weights at S = 0: constant per anchor, the authors' MS). J g' is
+    the transpose of the linear map J^T (`jax.linear_transpose` of the train step's VJP): the
+    convolutions of differentiating `meta_loss_fn`, without its virtual step, a backward pass on a
+    zero cotangent that XLA does not fold away.
     """
     theta, grad_of, embed_validation = self._scoped_problem(inputs)
-    weights = jax.lax.stop_gradient(inputs.weights)
+    zeros = jnp.zeros_like(inputs.weights)
+    _, weights = jax.jvp(inputs.cotangent_of, (zeros,), (jnp.ones_like(zeros),))
+    weights = jax.lax.stop_gradient(weights)
     loss, val_grad = jax.value_and_grad(self._validation_loss(memory, inputs, embed_validation))(theta)
     (jacobian_product,) = jax.linear_transpose(grad_of, weights)(val_grad)  # J g'
     return loss, -self._alpha(inputs) * weights * jacobian_product

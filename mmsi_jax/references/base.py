@@ -21,7 +21,9 @@ class References:
   def pairs(self, state, params, embeddings: jax.Array, labels: jax.Array) -> losses.Pairs:
     raise NotImplementedError
 
-  def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict):
-    """(L, metrics): the loss over all of S."""
+  def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict,
+                multipliers=None):
+    """(L, metrics): the loss over all of S; per-pair `multipliers` [B, M], if given, go inside the
+    loss (losses.pair_loss_on)."""
     del state, step
-    return loss_fn(pairs.sim, pairs.pos, pairs.neg, **hparams), {}
+    return losses.pair_loss_on(loss_fn, pairs, hparams, multipliers), {}

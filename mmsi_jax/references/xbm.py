@@ -67,12 +67,14 @@ class CrossBatchMemory(References):
     return pairs._replace(pos=pos)
 
   def objective(self, state: memory_lib.Memory, step: jax.Array, pairs: losses.Pairs, loss_fn,
-                hparams: dict):
+                hparams: dict, multipliers=None):
     batch = pairs.sim.shape[0]
     on = step >= self.start_step
 
     def block_loss(columns):
-      return loss_fn(pairs.sim[:, columns], pairs.pos[:, columns], pairs.neg[:, columns], **hparams)
+      block = jax.tree.map(lambda x: x[:, columns], pairs)
+      return losses.pair_loss_on(loss_fn, block, hparams,
+                                 None if multipliers is None else multipliers[:, columns])
 
     batch_loss = block_loss(slice(None, batch))
     memory_loss = jnp.where(on, block_loss(slice(batch, None)), 0.0)
