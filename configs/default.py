@@ -53,6 +53,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.loss.hparams.beta = 50.0  # MS negative scale.
   config.loss.hparams.base = 0.5  # MS similarity margin lambda.
   config.loss.hparams.epsilon = 0.1  # MS miner margin.
+  config.loss.hparams.prefactor = 1.0  # MS prefactor c of c/alpha and c/beta (MMSI authors' code: 2).
 
   # What the batch is compared with: the columns of S (mmsi_jax/references). A pair loss takes "batch"
   # or "xbm", a proxy loss "proxies". The settings of each component are under its name.
