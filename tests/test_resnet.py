@@ -43,18 +43,21 @@ def np_max_pool_3x3_s2_p1(x):
                  for i in range(3) for j in range(3)], axis=0)
 
 
-def np_resnet_features(state, images, stage_sizes, bottleneck):
+def np_resnet_features(state, images, stage_sizes, bottleneck, last_stride=2, stem_relu=True):
   """torchvision's ResNet (eval mode) from its state dict, globally average-pooled: [N, F] float64.
   Basic block: 3x3 (stride) - 3x3; bottleneck: 1x1 - 3x3 (stride) - 1x1 (x4 channels); a projection
-  shortcut (1x1 conv with the stride + BN) where the stride is not 1 or the channels change."""
+  shortcut (1x1 conv with the stride + BN) where the stride is not 1 or the channels change; stride 2
+  in the first block of stages 2 and 3, `last_stride` in stage 4's. stem_relu False: XBM's variant."""
   relu = lambda v: np.maximum(v, 0)
   state = {k: v.astype(np.float64) for k, v in state.items()}
   x = np.transpose(images, (0, 3, 1, 2)).astype(np.float64)
-  x = np_max_pool_3x3_s2_p1(relu(np_batch_norm(np_conv(x, state["conv1.weight"], 2, 3), state, "bn1")))
+  x = np_batch_norm(np_conv(x, state["conv1.weight"], 2, 3), state, "bn1")
+  x = np_max_pool_3x3_s2_p1(relu(x) if stem_relu else x)
   for s, num_blocks in enumerate(stage_sizes):
     width = 64 * 2**s
     for b in range(num_blocks):
-      name, stride = f"layer{s + 1}.{b}", 2 if s > 0 and b == 0 else 1
+      name = f"layer{s + 1}.{b}"
+      stride = 1 if s == 0 or b > 0 else (last_stride if s == 3 else 2)
       specs = ([(1, 1), (3, stride), (1, 1)] if bottleneck else [(3, stride), (3, 1)])
       y = x
       for i, (kernel, conv_stride) in enumerate(specs, 1):
@@ -84,14 +87,16 @@ def torchvision_state(model, images, seed):
   return torch_weights.to_state_dict(tree)
 
 
-@pytest.mark.parametrize("stage_sizes, bottleneck, fmt", [
-    ((2, 2, 2, 2), False, "npz"),  # ResNet-18.
-    ((1, 1, 1, 1), True, "pth"),  # ResNet-50's bottlenecks, one block a stage.
+@pytest.mark.parametrize("stage_sizes, bottleneck, fmt, xbm", [
+    ((2, 2, 2, 2), False, "npz", False),  # ResNet-18.
+    # ResNet-50's bottlenecks, one block a stage, as XBM's code runs them (last stride 1, no stem ReLU).
+    ((1, 1, 1, 1), True, "pth", True),
 ])
 def test_features_equal_a_numpy_torchvision_resnet_with_loaded_weights(tmp_path, stage_sizes,
-                                                                      bottleneck, fmt):
+                                                                      bottleneck, fmt, xbm):
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  model = EmbeddingNet(ResNetBackbone(stage_sizes, bottleneck), 4)
+  options = dict(last_stride=1, stem_relu=False) if xbm else {}
+  model = EmbeddingNet(ResNetBackbone(stage_sizes, bottleneck, **options), 4)
   state = torchvision_state(model, images, seed=1)
   assert ("layer1.0.downsample.0.weight" in state) == bottleneck  # Basic blocks keep 64 channels.
   state["fc.weight"] = np.zeros((1000, 2048 if bottleneck else 512), np.float32)  # Ignored.
@@ -100,7 +105,7 @@ def test_features_equal_a_numpy_torchvision_resnet_with_loaded_weights(tmp_path,
     np.savez(path, **state)
   else:
     torch_files.write_state_dict(path, state, legacy=False)
-  model = EmbeddingNet(ResNetBackbone(stage_sizes, bottleneck, pretrained=path), 4)
+  model = EmbeddingNet(ResNetBackbone(stage_sizes, bottleneck, pretrained=path, **options), 4)
 
   @jax.jit
   def init_and_features(images):
@@ -112,7 +117,7 @@ def test_features_equal_a_numpy_torchvision_resnet_with_loaded_weights(tmp_path,
   assert loaded.keys() == state.keys() - {"fc.weight"}
   for name in loaded:
     np.testing.assert_array_equal(loaded[name], state[name], err_msg=name)
-  expected = np_resnet_features(state, images, stage_sizes, bottleneck)
+  expected = np_resnet_features(state, images, stage_sizes, bottleneck, **options)
   np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 

@@ -38,6 +38,8 @@ class ResNetBackbone(nn.Module):
     frozen_bn_affine: with frozen_bn, BatchNorm's scale/offset fixed too (True) or trained (False).
     pretrained: path of torchvision's state dict (.pth or .npz); "" for random initialisation.
     dtype: of the activations (parameters stay float32).
+    last_stride: stride of the last stage (torchvision: 2; XBM's ResNet-50: 1, a 14x14 map at 224 px).
+    stem_relu: ReLU after the stem's BatchNorm (torchvision: yes; XBM's ResNet code has none).
   """
   stage_sizes: Sequence[int]
   bottleneck: bool
@@ -46,6 +48,8 @@ class ResNetBackbone(nn.Module):
   frozen_bn_affine: bool = True
   pretrained: str = ""
   dtype: Any = jnp.float32
+  last_stride: int = 2
+  stem_relu: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -60,13 +64,14 @@ class ResNetBackbone(nn.Module):
                     frozen_affine=self.frozen_bn_affine, name=bn)(x)
       return nn.relu(x) if relu else x
 
-    x = conv_bn(images, "conv1", "bn1", 64, 7, 2)
+    x = conv_bn(images, "conv1", "bn1", 64, 7, 2, relu=self.stem_relu)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     for stage, num_blocks in enumerate(self.stage_sizes):
       width = 64 * 2**stage
       for block in range(num_blocks):
         name = f"layer{stage + 1}.{block}"
-        stride = 2 if stage > 0 and block == 0 else 1
+        stride = 1 if stage == 0 or block > 0 else (
+            self.last_stride if stage == len(self.stage_sizes) - 1 else 2)
         if self.bottleneck:
           convs = [(width, 1, 1), (width, 3, stride), (4 * width, 1, 1)]
         else:
@@ -84,25 +89,31 @@ class ResNetBackbone(nn.Module):
 
 
 def _resnet(stage_sizes, bottleneck, weights_file, embed_dim, pooling, frozen_bn, frozen_bn_affine,
-            pretrained, dtype) -> EmbeddingNet:
+            pretrained, dtype, last_stride, stem_relu) -> EmbeddingNet:
   torch_weights.require_file(pretrained, f"torchvision's ImageNet weights ({weights_file})")
+  if last_stride not in (1, 2):
+    raise ValueError(f"model.last_stride={last_stride!r}: use 2 (torchvision) or 1 (XBM's ResNet-50).")
   dtype = compute_dtype(dtype)
   return EmbeddingNet(ResNetBackbone(stage_sizes, bottleneck, pooling, frozen_bn, frozen_bn_affine,
-                                     pretrained, dtype), embed_dim, dtype)
+                                     pretrained, dtype, last_stride, stem_relu), embed_dim, dtype)
 
 
 def resnet18(embed_dim: int = 512, pooling: str = "avg", frozen_bn: bool = False,
-             frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32") -> EmbeddingNet:
+             frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32",
+             last_stride: int = 2, stem_relu: bool = True) -> EmbeddingNet:
   """ResNet-18 -> linear -> L2 norm. `pretrained`: torchvision's state dict (resnet18-f37072fd.pth, or
-  saved as .npz), "" for random initialisation. BatchNorm and dtype as bn_inception's."""
+  saved as .npz), "" for random initialisation. BatchNorm and dtype as bn_inception's; last_stride
+  and stem_relu as ResNetBackbone's."""
   return _resnet((2, 2, 2, 2), False, "resnet18-f37072fd.pth", embed_dim, pooling, frozen_bn,
-                 frozen_bn_affine, pretrained, dtype)
+                 frozen_bn_affine, pretrained, dtype, last_stride, stem_relu)
 
 
 def resnet50(embed_dim: int = 512, pooling: str = "avg", frozen_bn: bool = False,
-             frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32") -> EmbeddingNet:
+             frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32",
+             last_stride: int = 2, stem_relu: bool = True) -> EmbeddingNet:
   """ResNet-50 -> linear -> L2 norm. `pretrained`: torchvision's state dict (resnet50-0676ba61.pth,
   IMAGENET1K_V1, or resnet50-11ad3fa6.pth, IMAGENET1K_V2; or saved as .npz), "" for random
-  initialisation. BatchNorm and dtype as bn_inception's."""
+  initialisation. BatchNorm and dtype as bn_inception's; last_stride and stem_relu as
+  ResNetBackbone's."""
   return _resnet((3, 4, 6, 3), True, "resnet50-0676ba61.pth", embed_dim, pooling, frozen_bn,
-                 frozen_bn_affine, pretrained, dtype)
+                 frozen_bn_affine, pretrained, dtype, last_stride, stem_relu)
