@@ -44,13 +44,13 @@ def jax_pass(name: str, dtype: str, images: jax.Array):
   model = models.get(name, embed_dim=512, pooling=check_torch.POOLING[name], dtype=dtype)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
 
-  def loss(params):
-    features, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                    images, train=True, mutable=["batch_stats"], method="features")
+  def loss(params, batch_stats, images):
+    features, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                    train=True, mutable=["batch_stats"], method="features")
     return jnp.mean(features), updates
 
-  grad = jax.jit(jax.grad(loss, has_aux=True))
-  return lambda: grad(variables["params"])
+  grad = jax.jit(jax.grad(loss, has_aux=True))  # Arguments, not constants folded into the program.
+  return lambda: grad(variables["params"], variables["batch_stats"], images)
 
 
 def torch_pass(name: str, images: np.ndarray):
