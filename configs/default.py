@@ -43,6 +43,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.name = "small_cnn"  # Model registered in mmsi_jax.models.
   config.model.embed_dim = 64  # D, the embedding dimension.
   config.model.widths = (32, 64, 128)  # small_cnn: channels of its conv stages.
+  # Activations' dtype: "float32", or "bfloat16" for mixed precision on GPUs and TPUs (parameters,
+  # embeddings, similarities and losses stay float32; docs/METHODS.md, "Backbones").
+  config.model.dtype = "float32"
 
   config.loss = ml_collections.ConfigDict()
   # A pair loss (binomial_deviance, contrastive, lifted_structure, multi_similarity, ntxent, triplet)

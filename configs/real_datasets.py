@@ -50,6 +50,16 @@ Proxy-Anchor's setup (Kim et al., CVPR 2020; tjddus9597/Proxy-Anchor-CVPR2020, t
     proxies drawn N(0, 2/C); batches of 180; AdamW, weight decay 1e-4, lr 1e-4 (6e-4 on SOP) and 100x
     for the proxies; alpha 32, delta 0.1; 60 epochs.
 
+ResNet-50, which XBM and Proxy-Anchor also report (torchvision's ImageNet weights, read from
+model.pretrained = RESNET50_PRETRAINED, resnet50-0676ba61.pth; RGB input normalised with ImageNet's mean
+and standard deviation; everything else as the BN-Inception variant of the same name):
+  xbm_contrastive_resnet50, xbm_ms_resnet50
+    as XBM's ResNet-50 runs (research-xbm, ret_benchmark/modeling/backbone/resnet.py): 128-d, global
+    max pooling, the last stage with stride 1 (a 14x14 map at 224 px) and no ReLU after the stem's
+    BatchNorm.
+  proxy_anchor_resnet50
+    as Proxy-Anchor's net/resnet.py: torchvision's network unchanged, average plus max pooling, 512-d.
+
 Batches are P x K here (K = 4 where the authors draw images at random: 32 x 4 for 128, 45 x 4 for 180).
 Step decays (MemVir x0.1 at epoch 50; Proxy-Anchor x0.5 every 10 or 20 epochs), Proxy-Anchor's one
 warm-up epoch with the backbone fixed and its gradient clipping are not reproduced: the schedule is
@@ -102,6 +112,10 @@ MEMVIR_BASELINES = {  # Loss hyperparameters and the proxies' initialisation.
     "proxy_nca": ({"scale": 12.0}, dict(init="normal", init_std=(2 / 512) ** 0.5)),
 }
 VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor")
+# The setups above on torchvision's ImageNet ResNet-50 (module docstring).
+RESNET50_PRETRAINED = "data/pretrained/resnet50-0676ba61.pth"
+RESNET50_VARIANTS = ("xbm_contrastive_resnet50", "xbm_ms_resnet50", "proxy_anchor_resnet50")
+VARIANTS = (*VARIANTS, *RESNET50_VARIANTS)
 
 
 def _bn_inception(dataset: str, *, image_size: int, crop_scale: tuple, pooling: str, frozen_bn: bool,
@@ -216,10 +230,23 @@ def proxy_anchor(dataset: str) -> ml_collections.ConfigDict:
   return config
 
 
+def resnet50_variant(dataset: str, variant: str) -> ml_collections.ConfigDict:
+  """`variant` without its "_resnet50", with ResNet-50 as its authors' code runs it (module docstring)."""
+  base = variant.removesuffix("_resnet50")
+  config = get_config(dataset, base)
+  config.model.update(name="resnet50", pretrained=RESNET50_PRETRAINED)
+  config.data.normalization = "imagenet"
+  if base in XBM_VARIANTS:
+    config.model.update(embed_dim=128, last_stride=1, stem_relu=False)
+  return config
+
+
 def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   """The config of `variant` on `dataset` (module docstring)."""
   if variant not in VARIANTS:
     raise ValueError(f"configs/{dataset}.py has variants {VARIANTS}, got {variant!r}.")
+  if variant in RESNET50_VARIANTS:
+    return resnet50_variant(dataset, variant)
   if variant in MMSI_VARIANTS:
     config = mmsi_authors(dataset, variant)
   elif variant in XBM_VARIANTS:

@@ -2,11 +2,6 @@
 (.npz, and .pth in torch.save's zip and legacy formats, written here without torch)."""
 
 import collections
-import io
-import pickle
-import sys
-import types
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +10,7 @@ import pytest
 
 from mmsi_jax import models
 from mmsi_jax.models import torch_weights
+from tests import torch_files
 from tests.test_models import updated_statistics
 
 
@@ -129,68 +125,14 @@ def test_weights_load_by_torch_name_and_a_bad_shape_names_the_parameter(tmp_path
     models.get("bn_inception", pretrained=str(tmp_path / "missing.pth"))
 
 
-def _write_torch_file(path, state, legacy, monkeypatch):
-  """torch.save(state, path) without torch: the same pickle, with stand-ins for torch's globals."""
-  torch = types.ModuleType("torch")
-  torch_utils = types.ModuleType("torch._utils")
-  torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
-
-  def _rebuild_tensor_v2(*args):
-    raise AssertionError("only pickled here")
-
-  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
-  torch_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-  monkeypatch.setitem(sys.modules, "torch", torch)
-  monkeypatch.setitem(sys.modules, "torch._utils", torch_utils)
-
-  class Tensor:
-    def __init__(self, key, array):
-      self.key, self.array = key, array
-
-    def __reduce__(self):  # A transposed view: storage offset 0, strides of the transpose.
-      storage = ("storage", self.key, self.array.size)
-      return (_rebuild_tensor_v2, (storage, 0, self.array.shape,
-                                   tuple(s // 4 for s in self.array.strides), False,
-                                   collections.OrderedDict()))
-
-  class Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-      if isinstance(obj, tuple) and obj and obj[0] == "storage":
-        _, key, numel = obj
-        return ("storage", torch.FloatStorage, key, "cpu", numel) + ((None,) if legacy else ())
-      return None
-
-  storages = {str(i): np.ascontiguousarray(v.T if v.ndim == 2 else v, np.float32)
-              for i, v in enumerate(state.values())}
-  tensors = collections.OrderedDict(
-      (k, Tensor(str(i), storages[str(i)].T if v.ndim == 2 else storages[str(i)]))
-      for i, (k, v) in enumerate(state.items()))
-  body = io.BytesIO()
-  Pickler(body, protocol=2).dump(tensors)
-  with open(path, "wb") as f:
-    if legacy:
-      for header in (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}):
-        pickle.dump(header, f, protocol=2)
-      f.write(body.getvalue())
-      pickle.dump(sorted(storages), f, protocol=2)
-      for key in sorted(storages):
-        f.write(np.int64(storages[key].size).tobytes() + storages[key].tobytes())
-    else:
-      with zipfile.ZipFile(f, "w") as z:
-        z.writestr("archive/data.pkl", body.getvalue())
-        for key, data in storages.items():
-          z.writestr(f"archive/data/{key}", data.tobytes())
-
-
 @pytest.mark.parametrize("legacy", [False, True])
-def test_pth_files_are_read_without_torch(tmp_path, monkeypatch, legacy):
+def test_pth_files_are_read_without_torch(tmp_path, legacy):
   rng = np.random.default_rng(0)
   state = {"a.weight": rng.normal(size=(4, 3, 2, 2)).astype(np.float32),
            "a.bias": rng.normal(size=(4,)).astype(np.float32),
            "fc.weight": rng.normal(size=(5, 6)).astype(np.float32)}  # Stored transposed: strided.
   path = str(tmp_path / "weights.pth")
-  with monkeypatch.context() as patch:
-    _write_torch_file(path, state, legacy, patch)
+  torch_files.write_state_dict(path, state, legacy)
   read = torch_weights.read_state_dict(path)
   assert read.keys() == state.keys()
   for key in state:

@@ -9,8 +9,8 @@ ceil mode (torch's `ceil_mode=True`), average pooling counts the padding. Parame
 trunk (convolutions and BatchNorm scale/offset), plus 1000 x 1025 in the ImageNet classifier (unused).
 """
 
-import os
-from typing import Callable, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mmsi_jax.models import torch_weights
 from mmsi_jax.models.conv import Conv
-from mmsi_jax.models.embedding import EmbeddingNet, global_pool
+from mmsi_jax.models.embedding import EmbeddingNet, compute_dtype, global_pool
 
 # name, 1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool ("avg"/"max"), pool projection,
 # stride. A stride-2 block has no 1x1 branch and passes its max pooling through unprojected (0).
@@ -47,12 +47,14 @@ def max_pool_ceil(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
 
 class BatchNorm(nn.Module):
   """Batch normalisation over the last axis (Ioffe & Szegedy 2015, algorithm 1), with initialisers for
-  all four variables (so that pretrained statistics load too).
+  all four variables (so that pretrained statistics load too). Statistics are computed and kept in
+  float32 whatever the input's dtype; the output has the input's dtype (mixed precision).
 
   Attributes:
     train: normalise with the batch's statistics and update the running ones (unless frozen).
     frozen: always use the running statistics, never updated (torch's BatchNorm in eval mode).
-    init: leaf name ("scale", "bias", "mean", "var") -> initializer, or None for the defaults.
+    init: (leaf name: "scale", "bias", "mean" or "var", default initializer) -> initializer, or None
+      for the defaults (e.g. torch_weights.Pretrained's `init`, bound to the module's torch name).
     frozen_affine: with `frozen`, the scale/offset are constants too, kept in "batch_stats" (not in
       "params": neither trained nor weight-decayed), as e.g. MemVir's and Proxy-Anchor's frozen
       BatchNorm; False keeps them trainable parameters, as the MMSI authors fine-tune BN-Inception.
@@ -69,7 +71,7 @@ class BatchNorm(nn.Module):
     shape = (x.shape[-1],)
     defaults = {"scale": nn.initializers.ones, "bias": nn.initializers.zeros,
                 "mean": nn.initializers.zeros, "var": nn.initializers.ones}
-    init = {k: self.init(k) if self.init else v for k, v in defaults.items()}
+    init = {k: self.init(k, v) if self.init else v for k, v in defaults.items()}
 
     def constant(leaf):
       return self.variable("batch_stats", leaf, lambda: init[leaf](None, shape, jnp.float32))
@@ -80,15 +82,16 @@ class BatchNorm(nn.Module):
     else:
       scale, bias = self.param("scale", init["scale"], shape), self.param("bias", init["bias"], shape)
     if self.train and not self.frozen:
-      batch_mean = jnp.mean(x, axis=(0, 1, 2))
-      batch_var = jnp.maximum(jnp.mean(x * x, axis=(0, 1, 2)) - batch_mean * batch_mean, 0.0)
+      batch_mean = jnp.mean(x, axis=(0, 1, 2), dtype=jnp.float32)
+      batch_var = jnp.maximum(
+          jnp.mean(jnp.square(x.astype(jnp.float32)), axis=(0, 1, 2)) - batch_mean * batch_mean, 0.0)
       if not self.is_initializing():
         mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
         var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
       mu, sigma2 = batch_mean, batch_var
     else:
       mu, sigma2 = mean.value, var.value
-    return (x - mu) * (scale * jax.lax.rsqrt(sigma2 + self.epsilon)) + bias
+    return ((x - mu) * (scale * jax.lax.rsqrt(sigma2 + self.epsilon)) + bias).astype(x.dtype)
 
 
 class BNInceptionBackbone(nn.Module):
@@ -101,30 +104,25 @@ class BNInceptionBackbone(nn.Module):
     frozen_bn_affine: with frozen_bn, BatchNorm's scale/offset fixed too (True) or trained (False).
     pretrained: path of the torch state dict (.npz or .pth) whose values `init` returns; "" for random
       initialisation.
+    dtype: of the activations (parameters stay float32).
   """
   pooling: str = "max"
   frozen_bn: bool = False
   pretrained: str = ""
   frozen_bn_affine: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    weights = None
-    if self.pretrained and self.is_initializing():
-      weights = torch_weights.read_state_dict(self.pretrained)
-
-    def init(module, leaf, default):
-      if weights is None:
-        return default
-      return torch_weights.initializer(weights, module, leaf, self.pretrained)
+    weights = torch_weights.Pretrained(self.pretrained if self.is_initializing() else "",
+                                       ignored=("last_linear.",))
 
     def conv_bn(x, name, features, kernel, stride=1):
       x = Conv(features, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
-                  kernel_init=init(name, "kernel", nn.initializers.lecun_normal()),
-                  bias_init=init(name, "bias", nn.initializers.zeros), name=name)(x)
-      bn_init = None if weights is None else lambda leaf: init(f"{name}_bn", leaf, None)
-      x = BatchNorm(train, self.frozen_bn, bn_init, frozen_affine=self.frozen_bn_affine,
-                    name=f"{name}_bn")(x)
+               dtype=self.dtype, kernel_init=weights.init(name, "kernel", nn.initializers.lecun_normal()),
+               bias_init=weights.init(name, "bias", nn.initializers.zeros), name=name)(x)
+      x = BatchNorm(train, self.frozen_bn, functools.partial(weights.init, f"{name}_bn"),
+                    frozen_affine=self.frozen_bn_affine, name=f"{name}_bn")(x)
       return nn.relu(x)
 
     x = conv_bn(images, "conv1_7x7_s2", 64, 7, 2)
@@ -146,20 +144,21 @@ class BNInceptionBackbone(nn.Module):
             x, (3, 3), (1, 1), padding=[(1, 1), (1, 1)])
         branches.append(conv_bn(pooled, f"{name}_pool_proj", proj, 1))
       x = jnp.concatenate(branches, axis=-1)
+    weights.check()
     return global_pool(x, self.pooling)
 
 
 def bn_inception(embed_dim: int = 512, pooling: str = "max", frozen_bn: bool = False,
-                 pretrained: str = "", frozen_bn_affine: bool = True) -> EmbeddingNet:
+                 pretrained: str = "", frozen_bn_affine: bool = True,
+                 dtype: str = "float32") -> EmbeddingNet:
   """BN-Inception -> linear -> L2 norm. `pretrained`: torch state dict of the `pretrainedmodels`
   "bninception" ImageNet model (.npz or .pth; models/torch_weights.py), "" for random initialisation.
   BatchNorm: trained (frozen_bn False); running statistics with fixed scale and offset (frozen_bn);
   running statistics with trained scale and offset (frozen_bn and not frozen_bn_affine: the MMSI
-  authors' fine-tuning, docs/METHODS.md)."""
-  if pretrained and not os.path.isfile(pretrained):
-    raise torch_weights.WeightsError(
-        f"model.pretrained={pretrained!r}: no such file. Put the ImageNet weights of the "
-        f"pretrainedmodels 'bninception' there (bn_inception-52deb4733.pth, or that state dict saved as "
-        f".npz: see mmsi_jax/models/torch_weights.py), or pass --config.model.pretrained='' to start "
-        f"from random initialisation.")
-  return EmbeddingNet(BNInceptionBackbone(pooling, frozen_bn, pretrained, frozen_bn_affine), embed_dim)
+  authors' fine-tuning, docs/METHODS.md). `dtype`: of the activations, "float32" or "bfloat16"
+  (models/embedding.py)."""
+  torch_weights.require_file(pretrained, "the ImageNet weights of the pretrainedmodels 'bninception' "
+                                         "(bn_inception-52deb4733.pth)")
+  dtype = compute_dtype(dtype)
+  return EmbeddingNet(BNInceptionBackbone(pooling, frozen_bn, pretrained, frozen_bn_affine, dtype),
+                      embed_dim, dtype)

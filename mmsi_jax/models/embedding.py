@@ -1,11 +1,22 @@
 """The shape every model of the registry has: a backbone, then a linear embedding head, L2-normalised."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 HEAD = "head"  # Name of the embedding head's parameters in every model.
 MODEL_PARAMS = "model"  # The model's parameter group in the TrainState's params (beside e.g. proxies).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """The activations' dtype of `model.dtype` (parameters are float32 either way)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use 'float32', or 'bfloat16' for mixed precision (bf16 "
+                     f"activations, float32 parameters, embeddings and losses) on GPUs and TPUs.")
+  return COMPUTE_DTYPES[name]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -32,19 +43,23 @@ class EmbeddingNet(nn.Module):
 
   `features(images, train)` -> [N, F] runs the backbone and `embed(features)` -> [N, D] the head (its
   parameters under "head"), so a miner can differentiate through the head alone (MMSI's head scope).
+  Mixed precision: the backbone computes in `dtype` (its parameters float32); its features are cast to
+  float32, so the head, the embeddings, the similarities and the losses are float32.
 
   Attributes:
-    backbone: a module `(images [N, H, W, 3], train) -> features [N, F]`.
+    backbone: a module `(images [N, H, W, 3], train) -> features [N, F]` computing in `dtype`.
     embed_dim: D.
+    dtype: the backbone's activations (compute_dtype).
   """
   backbone: nn.Module
   embed_dim: int
+  dtype: Any = jnp.float32
 
   def setup(self):
     self.head = nn.Dense(self.embed_dim)
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
-    return self.backbone(images, train)
+    return self.backbone(images.astype(self.dtype), train).astype(jnp.float32)
 
   def embed(self, features: jax.Array) -> jax.Array:
     return l2_normalize(self.head(features))
