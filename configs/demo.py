@@ -19,8 +19,8 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     (docs/METHODS.md)
   memvir_norm_softmax, memvir_cosface, memvir_arcface, memvir_proxy_nca, memvir_proxy_anchor
                     the same with MemVir's virtual classes from step 400 (as XBM's memory), the
-                    curriculum full 50 steps later: N 10, M 4 (ProxyNCA: N 5, M 9, the authors' ratio of
-                    a longer gap for ProxyNCA), the batch's embeddings and proxies held in the queues
+                    curriculum full 50 steps later: N 10, M 4 (ProxyNCA: N 5, M 9, a longer gap for
+                    ProxyNCA as the authors'); P x K batches, as the baselines above
 """
 
 from configs import default

@@ -134,28 +134,33 @@ class MemoryVirtualClasses(References):
       raise ValueError(f"references.memvir.batch_size={self.batch_size}, but the batch has "
                        f"{embeddings.shape[0]} rows: set it to the batch size.")
     write = step >= self.warmup_steps
-    slot = jnp.where(write, state.pushed % state.labels.shape[0], state.labels.shape[0])  # Or dropped.
+    slots = state.labels.shape[0]
+    slot = jnp.where(write, state.pushed % slots, slots)  # Out of range: dropped by the scatter.
     dtype = state.embeddings.dtype
-    entry = jax.lax.stop_gradient((embeddings.astype(dtype), params[PROXY_PARAMS].astype(dtype)))
+    embeddings = jax.lax.stop_gradient(embeddings).astype(dtype)
+    proxies = jax.lax.stop_gradient(params[PROXY_PARAMS]).astype(dtype)
     return state.replace(
-        embeddings=state.embeddings.at[slot].set(entry[0], mode="drop"),
+        embeddings=state.embeddings.at[slot].set(embeddings, mode="drop"),
         labels=state.labels.at[slot].set(labels.astype(jnp.int32), mode="drop"),
-        proxies=state.proxies.at[slot].set(entry[1], mode="drop"),
+        proxies=state.proxies.at[slot].set(proxies, mode="drop"),
         pushed=state.pushed + write.astype(jnp.int32))
 
+  def past_steps(self, state: VirtualClassQueues) -> tuple[jax.Array, jax.Array]:
+    """(slots [N], available [N]) of steps t - j(M + 1), j = 1..N, after step t's push; a step is
+    available when it was pushed."""
+    newest = state.pushed - 1  # Step t's push number, -1 during the warm-up.
+    number = newest - jnp.arange(1, self.num_steps + 1) * (self.step_gap + 1)
+    return number % state.labels.shape[0], number >= 0
+
   def available(self, state: VirtualClassQueues) -> jax.Array:
-    """[N] bool: whether step t - j(M + 1), j = 1..N, is in the queues (after this step's push)."""
-    back = jnp.arange(1, self.num_steps + 1) * (self.step_gap + 1)
-    return state.pushed - 1 - back >= 0
+    """[N] bool: whether step t - j(M + 1), j = 1..N, is in the queues."""
+    return self.past_steps(state)[1]
 
   def pairs(self, state: VirtualClassQueues, params, embeddings: jax.Array,
             labels: jax.Array) -> losses.Pairs:
     """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring); unavailable steps masked."""
-    n, c, slots = self.num_steps, self.num_classes, state.labels.shape[0]
-    back = jnp.arange(1, n + 1) * (self.step_gap + 1)
-    past = (state.pushed - 1 - back) % slots  # [N] the slots of steps t - j(M + 1).
-    available = self.available(state)
-    dim = embeddings.shape[1]
+    n, c, dim = self.num_steps, self.num_classes, embeddings.shape[1]
+    past, available = self.past_steps(state)
     past_labels = state.labels[past] + c * jnp.arange(1, n + 1)[:, None]  # Shifted by jC.
     proxies = jnp.concatenate([params[PROXY_PARAMS],
                                state.proxies[past].reshape(n * c, dim).astype(embeddings.dtype)])
