@@ -1,6 +1,7 @@
 """MemVir (references/memvir.py): S and the loss against an explicit NumPy concatenation of past steps
 over a run (before the queues fill, at the stairs, after they wrap), with every proxy loss; gradients
-against finite differences; no gradient through the stored entries; the curriculum; the memory bound."""
+against finite differences; no gradient through the stored entries; the curriculum; the memory bound.
+Resuming with the queues: tests/test_train.py."""
 
 import jax
 from jax.test_util import check_grads
@@ -8,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsi_jax import losses
+from mmsi_jax import losses, train
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references import memvir as memvir_lib
 from tests.test_every_loss import reference, unit
+from tests.test_train import method_config
 
 C, B, D = 3, 4, 5  # Classes, batch rows, embedding size.
 N, M, U = 2, 1, 3  # Past steps used at once, gap, warm-up: stairs at steps 5 and 7, the ring of 5 wraps.
@@ -154,3 +156,13 @@ def test_memory_formula_and_the_budget():
     refs = make()
     state = refs.init(jax.random.PRNGKey(0), D)[1]
     refs.update(state, {"proxies": jnp.zeros((C, D))}, jnp.zeros((6, D)), jnp.zeros((6,), int), 0)
+
+
+def test_a_run_whose_queues_exceed_the_budget_stops_before_the_first_step(glyphs_dir, tmp_path):
+  config = method_config(glyphs_dir, "memvir")
+  config.references.memvir.max_memory_gb = 1e-5  # The tiny run's queues: 7 x 8,576 B = 6e-5 GB.
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"\(2 x 3 \+ 1\) x \(\(100 \+ 32\) x 16 x 4 \+ 4 x 32\) = "
+                                       r"0.00 GB, over references.memvir.max_memory_gb=1e-05"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax import losses
+from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.base import References
 from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies
 
@@ -158,17 +159,25 @@ class MemoryVirtualClasses(References):
 
   def pairs(self, state: VirtualClassQueues, params, embeddings: jax.Array,
             labels: jax.Array) -> losses.Pairs:
-    """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring); unavailable steps masked."""
-    n, c, dim = self.num_steps, self.num_classes, embeddings.shape[1]
+    """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring); unavailable steps masked.
+
+    S is built in blocks, so that its block of past embeddings against past proxies, the largest and a
+    constant, is computed in the forward pass only: the backward pass costs O(N), not O(N^2).
+    """
+    n, c, dim, dtype = self.num_steps, self.num_classes, embeddings.shape[1], embeddings.dtype
     past, available = self.past_steps(state)
-    past_labels = state.labels[past] + c * jnp.arange(1, n + 1)[:, None]  # Shifted by jC.
-    proxies = jnp.concatenate([params[PROXY_PARAMS],
-                               state.proxies[past].reshape(n * c, dim).astype(embeddings.dtype)])
-    pairs = losses.build_proxy_pairs(
-        embeddings, labels, proxies, ref_embeddings=state.embeddings[past].reshape(-1, dim),
-        ref_labels=past_labels.reshape(-1), ref_valid=jnp.repeat(available, self.batch_size))
+    proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
+    past_proxies = l2_normalize(state.proxies[past].reshape(n * c, dim).astype(dtype))
+    past_embeddings = state.embeddings[past].reshape(n * self.batch_size, dim).astype(dtype)
+    sim = jnp.block([[embeddings @ proxies.T, embeddings @ past_proxies.T],
+                     [past_embeddings @ proxies.T, past_embeddings @ past_proxies.T]])
+    all_labels = jnp.concatenate([labels, (state.labels[past] + c * jnp.arange(1, n + 1)[:, None])
+                                  .reshape(-1).astype(labels.dtype)])  # Step t - j(M + 1): + jC.
+    row_valid = jnp.concatenate([jnp.ones(labels.shape, bool), jnp.repeat(available, self.batch_size)])
     column_valid = jnp.concatenate([jnp.ones((c,), bool), jnp.repeat(available, c)])
-    return pairs._replace(neg=pairs.neg & column_valid[None, :])
+    own_class = all_labels[:, None] == jnp.arange((n + 1) * c)[None, :]
+    return losses.Pairs(sim, own_class & row_valid[:, None],
+                        ~own_class & row_valid[:, None] & column_valid[None, :])
 
   def objective(self, state: VirtualClassQueues, step: jax.Array, pairs: losses.Pairs, loss_fn,
                 hparams: dict):
