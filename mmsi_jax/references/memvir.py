@@ -134,7 +134,7 @@ class MemoryVirtualClasses(References):
     if embeddings.shape[0] != self.batch_size:
       raise ValueError(f"references.memvir.batch_size={self.batch_size}, but the batch has "
                        f"{embeddings.shape[0]} rows: set it to the batch size.")
-    write = step >= self.warmup_steps
+    write = jnp.asarray(step) >= self.warmup_steps
     slots = state.labels.shape[0]
     slot = jnp.where(write, state.pushed % slots, slots)  # Out of range: dropped by the scatter.
     dtype = state.embeddings.dtype
