@@ -24,6 +24,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.test_split = "test"  # Unseen test classes: query set and gallery at once.
   config.data.classes_per_batch = 16  # P of a PK batch.
   config.data.samples_per_class = 4  # K of a PK batch; batch size is P * K.
+  # "pk": P classes x K images; "random": P * K images drawn at random from the split (MemVir's batches).
+  config.data.sampler = "pk"
   config.data.image_size = 0  # Side of the square network input; 0: the stored images as they are.
   config.data.train_crop = "pad"  # "pad": random translation; "random_resized": random-resized crop.
   config.data.crop_padding = 2  # pad: reflect-pad by this many pixels and crop back (0: none).
@@ -70,6 +72,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # "kaiming_fan_out" (N(0, 2/C), Proxy-Anchor), "normal" (N(0, init_std^2)), "uniform" (U(+-1/sqrt(C))).
   config.references.proxies.init = "kaiming_fan_out"
   config.references.proxies.init_std = 1.0  # With init="normal".
+  # MemVir: the proxies plus past steps' embeddings and proxies as virtual classes (docs/METHODS.md).
+  config.references.memvir = ml_collections.ConfigDict()
+  config.references.memvir.init = "kaiming_fan_out"  # The proxies' initialisation, as proxies.init.
+  config.references.memvir.init_std = 1.0  # With init="normal".
+  config.references.memvir.num_steps = 45  # N, past steps used at once (MemVir NormSoftmax 45, ProxyNCA 20).
+  config.references.memvir.step_gap = 10  # M, steps skipped between two used ones (10; ProxyNCA 25).
+  config.references.memvir.warmup_steps = 0  # U, steps before the first push (MemVir: 40 epochs).
+  # B, the rows of every batch (the queues' shape): follows data.classes_per_batch * samples_per_class.
+  config.references.memvir.batch_size = (config.data.get_ref("classes_per_batch")
+                                         * config.data.get_ref("samples_per_class"))
+  # What the queues store: "float32" or "bfloat16". They take (N(M+1) + 1) x ((C + B) x D x s + 4B)
+  # bytes, s = 4 or 2: with N 45, M 10, D 512, B 128, 0.23 GB on Cars (C 98), 11.6 GB on SOP (C 11,318).
+  config.references.memvir.dtype = "float32"
+  config.references.memvir.max_memory_gb = 8.0  # Queues larger than this are refused before training.
 
   config.miner = ml_collections.ConfigDict()
   config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.

@@ -17,6 +17,10 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     the proxy losses with 100 learnable class proxies, trained at 100x the learning
                     rate (as Proxy-Anchor and MemVir), and each paper's scale and margin
                     (docs/METHODS.md)
+  memvir_norm_softmax, memvir_cosface, memvir_arcface, memvir_proxy_nca, memvir_proxy_anchor
+                    the same with MemVir's virtual classes from step 400 (as XBM's memory), the
+                    curriculum full 50 steps later: N 10, M 4 (ProxyNCA: N 5, M 9, a longer gap for
+                    ProxyNCA as the authors'); P x K batches, as the baselines above
 """
 
 from configs import default
@@ -35,11 +39,26 @@ PROXY_LOSSES = {
 }
 VARIANTS = ("", *PAIR_LOSSES, *(f"mmsi_{name}" for name in PAIR_LOSSES), "xbm_ms", "xbm_contrastive",
             *PROXY_LOSSES)
+MEMVIR_STEPS = {"proxy_nca": (5, 9)}  # (N, M) where not (10, 4): N(M + 1) = 45 to 50 steps.
+VARIANTS += tuple(f"memvir_{name}" for name in PROXY_LOSSES)
+
+
+def memvir(loss_name: str):
+  """The proxy loss's variant with MemVir's virtual classes from step 400."""
+  config = get_config(loss_name)
+  num_steps, step_gap = MEMVIR_STEPS.get(loss_name, (10, 4))
+  config.references.name = "memvir"
+  config.references.memvir.update(init=config.references.proxies.init,
+                                  init_std=config.references.proxies.init_std, num_steps=num_steps,
+                                  step_gap=step_gap, warmup_steps=400)
+  return config
 
 
 def get_config(variant: str = ""):
   if variant not in VARIANTS:
     raise ValueError(f"configs/demo.py has variants {VARIANTS[1:]} (or none), got {variant!r}.")
+  if variant.startswith("memvir_"):
+    return memvir(variant.removeprefix("memvir_"))
   config = default.get_config()
   config.model.widths = (16, 32, 64)
   config.train.num_steps = 800

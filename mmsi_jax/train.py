@@ -56,6 +56,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   require(config.data.name in pipeline.names(),
           f"data.name={config.data.name!r} is not one of {pipeline.names()}.")
+  require(config.data.sampler in sampler_lib.SAMPLERS,
+          f"data.sampler={config.data.sampler!r} is not one of {tuple(sampler_lib.SAMPLERS)}.")
   require(config.data.normalization in transforms.NORMALIZATIONS,
           f"data.normalization={config.data.normalization!r} is not one of {transforms.NORMALIZATIONS}.")
   require(config.data.train_crop in ("pad", "random_resized"),
@@ -158,8 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
   train_labels = pipeline.split_labels(train_source)
   components = build(config, num_classes=int(train_labels.max()) + 1, model=model)
-  sampler = sampler_lib.PKSampler(
-      train_labels, data.classes_per_batch, data.samples_per_class, seed=config.seed,
+  sampler = sampler_lib.build(
+      data.sampler, train_labels, data.classes_per_batch, data.samples_per_class, seed=config.seed,
       held_out_fraction=sampler_lib.held_out_fraction(components.extra_batches))
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
   state = create_train_state(jax.random.PRNGKey(config.seed), components, image_shape)

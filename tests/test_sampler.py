@@ -1,8 +1,9 @@
-"""PK sampler: determinism, resumability, class coverage and small classes."""
+"""PK and random samplers: determinism, resumability, class coverage and small classes."""
 
 import numpy as np
 import pytest
 
+from mmsi_jax.data import sampler as sampler_lib
 from mmsi_jax.data.sampler import PKSampler
 
 
@@ -62,3 +63,25 @@ def test_too_few_classes_is_a_clear_error():
     PKSampler(np.array([0, 0, 1, 1, 2]), 3, 2, seed=0)
   with pytest.raises(ValueError, match="K >= 2"):
     PKSampler(np.array([0, 0, 1, 1]), 2, 1, seed=0)
+
+
+def test_random_batches_draw_images_uniformly_and_resume():
+  labels = make_labels(num_classes=30)
+  sampler = sampler_lib.build("random", labels, 8, 4, seed=2, held_out_fraction=0.2)
+  assert isinstance(sampler, sampler_lib.RandomSampler) and sampler.batch_size == 32
+  again = sampler_lib.build("random", labels, 8, 4, seed=2, held_out_fraction=0.2)
+  batches = [sampler.batch_indices(step) for step in range(400)]
+  for step in (0, 7, 399):
+    np.testing.assert_array_equal(again.batch_indices(step), batches[step])
+  assert all(len(np.unique(b)) == 32 for b in batches)  # Without replacement within a batch.
+  # Not P x K: the number of images of a class in a batch varies, one included.
+  per_class = [np.bincount(labels[b]) for b in batches]
+  assert any(1 in counts for counts in per_class) and any(counts.max() > 4 for counts in per_class)
+  # Every image outside the held-out share is drawn, about equally often; held-out images never.
+  drawn = np.bincount(np.concatenate(batches), minlength=len(labels))
+  held_out = np.setdiff1d(np.arange(len(labels)), sampler._images)
+  assert len(held_out) > 0 and drawn[held_out].sum() == 0
+  expected = 400 * 32 / len(sampler._images)
+  assert np.all(np.abs(drawn[sampler._images] - expected) < 5 * np.sqrt(expected))
+  with pytest.raises(ValueError, match="data.sampler='randon' is not one of"):
+    sampler_lib.build("randon", labels, 8, 4, seed=0)

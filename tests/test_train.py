@@ -76,7 +76,8 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
 
 def method_config(data_dir, method):
   """tiny_config with a method: "none" (MS), "mmsi", "proxy_anchor" (class proxies at 10x the
-  learning rate) or "xbm" (contrastive with a memory of 100 slots from step 4)."""
+  learning rate), "xbm" (contrastive with a memory of 100 slots from step 4) or "memvir" (NormSoftmax
+  with MemVir's queues from step 4, N 2, M 2, in random batches)."""
   config = tiny_config(data_dir, miner="mmsi" if method == "mmsi" else "none")
   if method == "proxy_anchor":
     config.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", hparams={}))
@@ -87,10 +88,16 @@ def method_config(data_dir, method):
         dict(name="contrastive", hparams=dict(pos_margin=1.0, neg_margin=0.5)))
     config.references.name = "xbm"
     config.references.xbm.update(size=100, start_step=4)
+  elif method == "memvir":
+    config.loss = ml_collections.ConfigDict(dict(name="norm_softmax", hparams={}))
+    config.references.name = "memvir"
+    config.references.memvir.update(num_steps=2, step_gap=2, warmup_steps=4)
+    config.optim.lr_mults.proxies = 10.0
+    config.data.sampler = "random"
   return config
 
 
-@pytest.mark.parametrize("method", ["none", "mmsi", "proxy_anchor", "xbm"])
+@pytest.mark.parametrize("method", ["none", "mmsi", "proxy_anchor", "xbm", "memvir"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch,
                                                                   method):
   config = method_config(glyphs_dir, method)
@@ -101,7 +108,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   tracked = "xbm/batch_loss" if method == "xbm" else "train/loss"
   train_losses = [r[tracked] for r in records if tracked in r]
   assert train_losses[-1] < train_losses[0]
-  if method != "proxy_anchor":  # 20 tiny steps show each of the 100 proxies about 6 samples: too few.
+  if method not in ("proxy_anchor", "memvir"):  # 20 tiny steps: about 6 samples per proxy, too few.
     assert final["test/recall@1"] > final["baseline/recall@1"]
   if method == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
     np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
@@ -147,6 +154,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
     assert int(state_b["references"]["heads"][0]) == 16 * 32
   if method == "proxy_anchor":  # And the proxies, with their optimizer state.
     assert state_b["params"]["proxies"].shape == (100, 16)
+  if method == "memvir":  # And MemVir's queues: 16 steps pushed from step 4, the ring of 7 wrapped.
+    queues = state_b["references"]
+    assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 100, 16)
+    assert records[-2]["memvir/classes"] == 300
   assert not os.path.exists(partial)
 
 

@@ -1,4 +1,6 @@
-"""PK batches: P classes x K images, a pure function of (seed, step).
+"""Training batches, a pure function of (seed, step): PK batches of P classes x K images (`PKSampler`,
+data.sampler = "pk"), or B = P x K images drawn at random from the whole split (`RandomSampler`,
+data.sampler = "random", as MemVir's authors draw their batches of 128).
 
 Batch `step` depends on nothing but the seed and the step number, so a run resumed at step t draws
 exactly the batches an uninterrupted run would, and batches can be prepared in any order by any worker.
@@ -114,3 +116,33 @@ class PKSampler:
     rng = np.random.default_rng([self.seed, step, 2 + stream])
     picked = rng.choice(len(self._extra_members), num_classes, replace=False)
     return np.array([rng.choice(self._extra_members[c]) for c in picked])
+
+
+class RandomSampler(PKSampler):
+  """Indices of B = P x K images per batch drawn uniformly without replacement from the images of the
+  classes a PK batch may draw (held-out images excluded); a batch may hold any number of images of a
+  class, one included. Built as a PKSampler, whose checks and extra batches it shares."""
+
+  def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int,
+               held_out_fraction: float = 0.0):
+    super().__init__(labels, classes_per_batch, samples_per_class, seed, held_out_fraction)
+    self._images = np.concatenate(self._members)
+    if len(self._images) < self.batch_size:
+      raise ValueError(f"Random batches of {self.batch_size} images need as many training images; "
+                       f"there are {len(self._images)}: lower data.classes_per_batch.")
+
+  def batch_indices(self, step: int) -> np.ndarray:
+    """Example indices [P * K] of batch `step`, in random order."""
+    rng = np.random.default_rng([self.seed, step])
+    return rng.choice(self._images, self.batch_size, replace=False)
+
+
+SAMPLERS = {"pk": PKSampler, "random": RandomSampler}
+
+
+def build(kind: str, labels, classes_per_batch: int, samples_per_class: int, seed: int,
+          held_out_fraction: float = 0.0) -> PKSampler:
+  """The sampler `kind` ("pk" or "random", config data.sampler) of a split with these labels."""
+  if kind not in SAMPLERS:
+    raise ValueError(f"data.sampler={kind!r} is not one of {tuple(SAMPLERS)}.")
+  return SAMPLERS[kind](labels, classes_per_batch, samples_per_class, seed, held_out_fraction)

@@ -83,8 +83,9 @@ def proxy_anchor(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float
     L = 1/|C+| sum_{c in C+} log(1 + sum_{i in X_c+} exp(-alpha (S_ic - margin)))
       + 1/|C|  sum_{c in C}  log(1 + sum_{i in X_c-} exp( alpha (S_ic + margin)))
 
-  X_c+ are the samples of class c, X_c- the others, C+ the proxies with at least one sample. With no
-  valid sample at all L = 0.
+  X_c+ are the samples of class c, X_c- the others, C+ the proxies with at least one sample, C the
+  proxies with at least one sample or negative (a column with neither, such as an unfilled virtual class
+  of MemVir, is no proxy of the step). With no valid sample at all L = 0.
 
   Args:
     sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
@@ -94,4 +95,4 @@ def proxy_anchor(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float
   pos_term = masked_log1p_sum_exp((-alpha * (sim - margin)).T, pos.T)
   neg_term = masked_log1p_sum_exp((alpha * (sim + margin)).T, neg.T)
   return (jnp.sum(pos_term) / jnp.maximum(jnp.sum(has_samples), 1)
-          + jnp.sum(neg_term) / sim.shape[1])
+          + jnp.sum(neg_term) / jnp.maximum(jnp.sum(jnp.any(pos | neg, axis=0)), 1))

@@ -6,6 +6,7 @@ A references component, found by name in `REFERENCES` (config `references.name`,
   batch    the batch itself (every pair loss's default)
   xbm      the batch and a cross-batch memory of past embeddings (Wang et al., CVPR 2020)
   proxies  C learnable class proxies (every proxy loss's default)
+  memvir   the proxies and past steps' embeddings and proxies as virtual classes (Ko et al., ICCV 2021)
 
 Each is an object with pure, jittable methods (docs/ARCHITECTURE.md draws how the step calls them):
 
@@ -30,6 +31,7 @@ arguments, checked against the config before any work.
 import ml_collections
 
 from mmsi_jax.references.batch import BatchReferences
+from mmsi_jax.references.memvir import MemoryVirtualClasses
 from mmsi_jax.references.proxies import ClassProxies
 from mmsi_jax.references.xbm import CrossBatchMemory
 from mmsi_jax.registry import Registry
@@ -38,6 +40,7 @@ REFERENCES = Registry("references")
 REFERENCES.register("batch")(BatchReferences)
 REFERENCES.register("proxies")(ClassProxies)
 REFERENCES.register("xbm")(CrossBatchMemory)
+REFERENCES.register("memvir")(MemoryVirtualClasses)
 
 DEFAULTS = ("batch", "proxies")  # The plain references of a pair and of a proxy loss.
 
@@ -54,5 +57,5 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
                           num_classes=num_classes)
 
 
-__all__ = ["BatchReferences", "ClassProxies", "CrossBatchMemory", "DEFAULTS", "REFERENCES", "build",
-           "kind_of"]
+__all__ = ["BatchReferences", "ClassProxies", "CrossBatchMemory", "DEFAULTS", "MemoryVirtualClasses",
+           "REFERENCES", "build", "kind_of"]

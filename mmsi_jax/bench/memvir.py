@@ -1,0 +1,106 @@
+"""MemVir's loss part against the same proxy loss without it, at the full curriculum.
+
+  python -m mmsi_jax.bench memvir --json memvir.json
+
+As `bench losses`: value_and_grad, with respect to the batch's embeddings e [B, D] and the proxies
+W [C, D], of the proxy loss on the pairs its references component builds: the plain class proxies
+(S [B, C]) against MemVir (S [(N + 1) B, (N + 1) C]) with full queues (k = N virtual steps, random unit
+rows and labels), both through the components the trainer uses. Per class count and loss:
+- memory_mb: XLA's analysis of the compiled function (arguments, the queues included, + outputs +
+  temporaries); it needs only the shapes, so it is reported even where the call would not fit the
+  machine;
+- ms and x_plain: medians of the two timed in turn (only where MemVir's memory is under --max_run_gb).
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmsi_jax import losses
+from mmsi_jax.bench import timing
+from mmsi_jax.models import l2_normalize
+from mmsi_jax.references import ClassProxies, MemoryVirtualClasses
+from mmsi_jax.references.memvir import queue_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--classes", default="98,11318", help="C: Cars' and SOP's training classes")
+  parser.add_argument("--losses", default="norm_softmax,proxy_nca,proxy_anchor")
+  parser.add_argument("--batch", type=int, default=128, help="B")
+  parser.add_argument("--dim", type=int, default=512, help="D")
+  parser.add_argument("--num_steps", type=int, default=45, help="N, past steps used at once")
+  parser.add_argument("--step_gap", type=int, default=10, help="M")
+  parser.add_argument("--dtype", default="float32", help="what the queues store")
+  parser.add_argument("--max_run_gb", type=float, default=4.0,
+                      help="time only where MemVir's compiled call needs less than this")
+  parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (median)")
+
+
+def _loss_and_grad(refs, loss_name: str, labels: jax.Array):
+  """jit(value_and_grad) of the loss of `refs`'s pairs in (embeddings, proxies), given its state."""
+  loss_fn = losses.get_proxy_loss(loss_name)
+
+  def objective(embeddings, proxies, state):
+    params = {"proxies": proxies}
+    pairs = refs.pairs(state, params, l2_normalize(embeddings), labels)
+    return refs.objective(state, jnp.zeros((), jnp.int32), pairs, loss_fn, {})[0]
+  return jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+
+
+def _memory_mb(fn, *args) -> float:
+  analysis = fn.lower(*args).compile().memory_analysis()
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          + analysis.temp_size_in_bytes) / 2**20
+
+
+def _full_queues(refs: MemoryVirtualClasses, shapes, seed: int = 1):
+  """Queues of the shapes `shapes` with every slot written: random unit rows and labels."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  slots, batch, dim = shapes.embeddings.shape
+  return shapes.replace(
+      embeddings=l2_normalize(jax.random.normal(keys[0], (slots, batch, dim))).astype(
+          shapes.embeddings.dtype),
+      labels=jax.random.randint(keys[1], (slots, batch), 0, refs.num_classes),
+      proxies=jax.random.normal(keys[2], shapes.proxies.shape).astype(shapes.proxies.dtype),
+      pushed=jnp.asarray(slots, jnp.int32))
+
+
+def run(args: argparse.Namespace) -> dict:
+  figures = {"batch": args.batch, "dim": args.dim, "num_steps": args.num_steps,
+             "step_gap": args.step_gap, "dtype": args.dtype}
+  rng = np.random.default_rng(0)
+  embeddings = jnp.asarray(rng.normal(size=(args.batch, args.dim)).astype(np.float32))
+  for num_classes in (int(c) for c in args.classes.split(",")):
+    labels = jnp.asarray(rng.integers(0, num_classes, args.batch))
+    proxies = jnp.asarray(rng.normal(size=(num_classes, args.dim)).astype(np.float32))
+    plain = ClassProxies(num_classes, init="normal", init_std=1.0)
+    memvir = MemoryVirtualClasses(
+        num_classes, init="normal", init_std=1.0, num_steps=args.num_steps, step_gap=args.step_gap,
+        warmup_steps=0, batch_size=args.batch, dtype=args.dtype, max_memory_gb=float("inf"))
+    queue_shapes = jax.eval_shape(lambda: memvir.init(jax.random.PRNGKey(0), args.dim)[1])
+    figures[f"C{num_classes}/queues_mb"] = queue_bytes(
+        num_classes=num_classes, embed_dim=args.dim, batch_size=args.batch,
+        num_steps=args.num_steps, step_gap=args.step_gap, dtype=args.dtype) / 2**20
+    queues = None
+    for loss_name in args.losses.split(","):
+      prefix = f"C{num_classes}/{loss_name}"
+      plain_fn = _loss_and_grad(plain, loss_name, labels)
+      memvir_fn = _loss_and_grad(memvir, loss_name, labels)
+      figures[f"{prefix}/plain_memory_mb"] = _memory_mb(plain_fn, embeddings, proxies, None)
+      memvir_mb = _memory_mb(memvir_fn, embeddings, proxies, queue_shapes)
+      figures[f"{prefix}/memvir_memory_mb"] = memvir_mb
+      figures[f"{prefix}/memory_x_plain"] = memvir_mb / figures[f"{prefix}/plain_memory_mb"]
+      if memvir_mb > args.max_run_gb * 1024:
+        continue
+      if queues is None:
+        queues = _full_queues(memvir, queue_shapes)
+        assert int(jnp.sum(memvir.available(queues))) == args.num_steps  # The full curriculum.
+      times = timing.time_interleaved(
+          {"plain": lambda: plain_fn(embeddings, proxies, None),
+           "memvir": lambda: memvir_fn(embeddings, proxies, queues)}, repeats=args.repeats)
+      figures[f"{prefix}/plain_ms"] = 1e3 * times["plain"]
+      figures[f"{prefix}/memvir_ms"] = 1e3 * times["memvir"]
+      figures[f"{prefix}/time_x_plain"] = times["memvir"] / times["plain"]
+  return figures
