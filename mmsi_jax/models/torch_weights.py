@@ -96,7 +96,7 @@ class _StorageType:
   """A torch storage type named in a pickle (e.g. torch.FloatStorage): its dtype, nothing callable."""
 
   def __init__(self, name: str):
-    self.name, self.dtype = name, np.dtype(_DTYPES[name])
+    self.dtype = np.dtype(_DTYPES[name])
 
 
 class _Storage:

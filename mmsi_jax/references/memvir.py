@@ -180,8 +180,8 @@ class MemoryVirtualClasses(References):
                         ~own_class & row_valid[:, None] & column_valid[None, :])
 
   def objective(self, state: VirtualClassQueues, step: jax.Array, pairs: losses.Pairs, loss_fn,
-                hparams: dict):
-    loss, _ = super().objective(state, step, pairs, loss_fn, hparams)
+                hparams: dict, multipliers=None):
+    loss, _ = super().objective(state, step, pairs, loss_fn, hparams, multipliers)
     virtual_steps = jnp.sum(self.available(state).astype(jnp.int32))
     return loss, {"memvir/virtual_steps": virtual_steps,
                   "memvir/classes": (virtual_steps + 1) * self.num_classes}
