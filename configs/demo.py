@@ -17,6 +17,11 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     the proxy losses with 100 learnable class proxies, trained at 100x the learning
                     rate (as Proxy-Anchor and MemVir), and each paper's scale and margin
                     (docs/METHODS.md)
+  distance_contrastive, osm, osm_caa
+                    the contrastive loss on distances (margin 1.2, mean over pairs) plain, with OSM's
+                    soft pair weights, and with OSM + CAA (the classifier over the pooled features):
+                    the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
+                    training labels shuffled: --config.data.label_noise=0.1
 """
 
 from configs import default
@@ -35,6 +40,8 @@ PROXY_LOSSES = {
 }
 VARIANTS = ("", *PAIR_LOSSES, *(f"mmsi_{name}" for name in PAIR_LOSSES), "xbm_ms", "xbm_contrastive",
             *PROXY_LOSSES)
+OSM_VARIANTS = {"distance_contrastive": None, "osm": False, "osm_caa": True}  # CAA's attention.
+VARIANTS += tuple(OSM_VARIANTS)
 
 
 def get_config(variant: str = ""):
@@ -49,6 +56,8 @@ def get_config(variant: str = ""):
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 50
 
+  if variant in OSM_VARIANTS:
+    return osm_config(config, attention=OSM_VARIANTS[variant])
   method, loss_name = "", variant or "ms"
   if variant.startswith(("mmsi_", "xbm_")):
     method, loss_name = variant.split("_", 1)
@@ -68,4 +77,18 @@ def get_config(variant: str = ""):
     config.references.name = "xbm"
     config.references.xbm.size = 2048
     config.references.xbm.start_step = 400
+  return config
+
+
+def osm_config(config, attention):
+  """The distance contrastive loss (alpha 1.2), plain (attention None) or OSM-weighted, with CAA when
+  `attention`."""
+  config.loss.name = "distance_contrastive"
+  config.loss.hparams = {"margin": 1.2}
+  if attention is not None:
+    config.miner.name = "osm_caa"
+    config.miner.osm_caa.attention = attention
+    # With Adam and L2 decay in the gradient, the authors' 1/P (1/2,016 here) would leave the metric
+    # gradient far below the decay term (docs/METHODS.md, OSM + CAA): undo it.
+    config.miner.osm_caa.scale = "pair_count"
   return config

@@ -273,8 +273,8 @@ class NegativesTwice:
     del model, pair_loss, hparams, num_classes
     self.factor = factor
 
-  def init(self, rng, embed_dim):
-    del rng, embed_dim
+  def init(self, rng, embed_dim, feature_dim):
+    del rng, embed_dim, feature_dim
     return {}, {"calls": jnp.zeros((), jnp.int32)}
 
   def multipliers(self, state, inputs):
