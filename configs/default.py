@@ -26,6 +26,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.samples_per_class = 4  # K of a PK batch; batch size is P * K.
   config.data.image_size = 0  # Side of the square network input; 0: the stored images as they are.
   config.data.train_crop = "pad"  # "pad": random translation; "random_resized": random-resized crop.
+  # (Or "center": no augmentation, the test transform; needs image_size > 0.)
   config.data.crop_padding = 2  # pad: reflect-pad by this many pixels and crop back (0: none).
   config.data.crop_scale = (0.16, 1.0)  # random_resized: range of the crop's area / the image's area.
   config.data.crop_ratio = (3 / 4, 4 / 3)  # random_resized: range of the crop's width / height.

@@ -58,10 +58,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f"data.name={config.data.name!r} is not one of {pipeline.names()}.")
   require(config.data.normalization in transforms.NORMALIZATIONS,
           f"data.normalization={config.data.normalization!r} is not one of {transforms.NORMALIZATIONS}.")
-  require(config.data.train_crop in ("pad", "random_resized"),
-          f"data.train_crop={config.data.train_crop!r} is not 'pad' or 'random_resized'.")
+  require(config.data.train_crop in ("pad", "random_resized", "center"),
+          f"data.train_crop={config.data.train_crop!r} is not 'pad', 'random_resized' or 'center'.")
   require(config.data.train_crop == "pad" or config.data.image_size > 0,
-          "data.train_crop='random_resized' needs data.image_size > 0.")
+          f"data.train_crop={config.data.train_crop!r} needs data.image_size > 0.")
   require(config.model.name in models.names(),
           f"model.name={config.model.name!r} is not one of {models.names()}.")
   checked(models.MODELS.check_settings, config.model.name,

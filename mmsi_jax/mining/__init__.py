@@ -18,14 +18,15 @@ with pure, jittable methods:
                                               m [B, M] >= 0 for the step's pairs (StepInputs); with
                                               the metric base.UPDATE it may keep the step from
                                               updating the parameters (see base.py)
-  auxiliary_loss(params, features, labels) -> (loss, metrics)     optional (absent or None: none)
+  auxiliary_loss(params, features, labels) -> (loss, metrics)
+                                              optional (absent or None: none):
                                               a loss of the parameters and of the batch's backbone
                                               features [B, F] that the step adds to the objective,
                                               its gradient reaching the backbone through the
                                               features (OSM + CAA: its classifier's cross-entropy)
 
-The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij (+ the auxiliary loss). "none" is no miner (m = 1: the loss's own
-gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
+The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij (+ the auxiliary loss). "none" is no
+miner (m = 1: the loss's own gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
 """
 
 from typing import Callable, Optional

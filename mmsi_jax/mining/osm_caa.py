@@ -32,7 +32,6 @@ reaches the backbone through the features.
 import jax
 import jax.numpy as jnp
 
-from mmsi_jax.losses.distance_contrastive import unit_distance
 from mmsi_jax.mining.base import StepInputs
 
 CLASSIFIER_PARAMS = "classifier"  # The classifier's parameter group in TrainState.params.
@@ -49,9 +48,9 @@ def osm_weights(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, pos_sigma: fl
                 margin: float) -> jax.Array:
   """OSM's raw weights [B, M]: exp(-d^2 / (2 pos_sigma^2)) on positives, [margin - d]_+ on negatives,
   0 elsewhere (d from the similarities of unit embeddings)."""
-  positive = jnp.exp(-jnp.maximum(2.0 - 2.0 * sim, 0.0) / (2.0 * pos_sigma * pos_sigma))
-  return (jnp.where(pos, positive, 0.0)
-          + jnp.where(neg, jax.nn.relu(margin - unit_distance(sim)), 0.0))
+  squared = jnp.maximum(2.0 - 2.0 * sim, 0.0)  # Held constant: no gradient, so no floor needed.
+  return (jnp.where(pos, jnp.exp(-squared / (2.0 * pos_sigma * pos_sigma)), 0.0)
+          + jnp.where(neg, jax.nn.relu(margin - jnp.sqrt(squared)), 0.0))
 
 
 def normalise_sets(weights: jax.Array, pos: jax.Array, neg: jax.Array, set_weight: float) -> jax.Array:
