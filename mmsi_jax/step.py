@@ -214,13 +214,15 @@ def similarities(components: Components, state: TrainState, images: jax.Array, l
                                    updates.get("batch_stats", state.batch_stats), references_state)
 
   (sim, features), outputs_vjp, aux = jax.vjp(sim_of, state.params, has_aux=True)
+  # A jax.tree_util.Partial, as jax.vjp's own, so that StepInputs can cross a jit boundary.
+  return sim, jax.tree_util.Partial(_sim_vjp, outputs_vjp, features), aux
 
-  def sim_vjp(cotangent, features_cotangent=None):
-    if features_cotangent is None:
-      features_cotangent = jnp.zeros_like(features)
-    return outputs_vjp((cotangent, features_cotangent))
 
-  return sim, sim_vjp, aux
+def _sim_vjp(outputs_vjp, features, cotangent, features_cotangent=None):
+  """The VJP of S(params) (and of the features, with a features cotangent [B, F])."""
+  if features_cotangent is None:
+    features_cotangent = jnp.zeros_like(features)
+  return outputs_vjp((cotangent, features_cotangent))
 
 
 def make_train_step(components: Components, mesh=None) -> Callable:
