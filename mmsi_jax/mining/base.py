@@ -25,7 +25,8 @@ class StepInputs(NamedTuple):
     features: [B, F] backbone features of the batch; embeddings: [B, D].
     pairs: the step's Pairs [B, M] (the columns the references component supplies).
     weights: W = dL/dS [B, M] of the step's objective.
-    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,).
+    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,); a second,
+      optional argument [B, F] is a cotangent of the features (the step's auxiliary loss).
     pairs_of: (params, embeddings [B, D], labels [B]) -> Pairs, how this step builds S from the
       batch's embeddings (e.g. to differentiate S through the embedding head alone); a
       jax.tree_util.Partial, so StepInputs can cross a jit boundary.
