@@ -28,6 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.sampler = "pk"
   config.data.image_size = 0  # Side of the square network input; 0: the stored images as they are.
   config.data.train_crop = "pad"  # "pad": random translation; "random_resized": random-resized crop.
+  # (Or "center": no augmentation, the test transform; needs image_size > 0.)
   config.data.crop_padding = 2  # pad: reflect-pad by this many pixels and crop back (0: none).
   config.data.crop_scale = (0.16, 1.0)  # random_resized: range of the crop's area / the image's area.
   config.data.crop_ratio = (3 / 4, 4 / 3)  # random_resized: range of the crop's width / height.
@@ -40,6 +41,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # Worker processes preparing batches (grain mp_prefetch); 0: none.
   config.data.prefetch = 8  # Batches prepared ahead.
   config.data.eval_batch_size = 256  # Images per embedding call at evaluation.
+  # Label noise (outliers): this fraction of the training images has its labels shuffled among them, by
+  # a fixed permutation drawn with label_noise_seed, before the PK sampler groups them (0: clean).
+  config.data.label_noise = 0.0
+  config.data.label_noise_seed = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"  # Model registered in mmsi_jax.models.
@@ -123,6 +128,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.miner.mmsi.multipliers_in_loss = False
   config.miner.mmsi.net_hidden = (32, 32)  # Hidden widths of the weighting net phi.
   config.miner.mmsi.net_learning_rate = 1e-3  # Adam learning rate of phi.
+  # OSM + CAA, online soft mining with class-aware attention (docs/METHODS.md): soft weights of the
+  # batch's pairs, for the distance_contrastive loss (authors: margin 1.2).
+  config.miner.osm_caa = ml_collections.ConfigDict()
+  config.miner.osm_caa.pos_sigma = 0.8  # Positive weight exp(-d^2 / (2 pos_sigma^2)).
+  config.miner.osm_caa.margin = 1.2  # alpha: negative weight max(0, alpha - d).
+  config.miner.osm_caa.set_weight = 0.5  # lambda: the weights of each set (pos, neg) sum to this.
+  # Class-aware attention min(a_i, a_j), a = exp(-(p - 1)^2 / (2 attention_sigma^2)), p the classifier's
+  # probability of the sample's own class; False: OSM alone, without the classifier.
+  config.miner.osm_caa.attention = True
+  config.miner.osm_caa.attention_sigma = 0.68
+  # The classifier over the pooled features, params["classifier"]: its cross-entropy, weighted per sample
+  # by exp(-(p - mean)^2 / (2 sigma^2)) normalised over the batch, times classifier_weight, joins the
+  # objective.
+  config.miner.osm_caa.classifier_weight = 1.0
+  config.miner.osm_caa.classifier_focus_mean = 0.5
+  config.miner.osm_caa.classifier_focus_sigma = 0.18
+  # "authors": the weights multiply the loss's mean over pairs (the 1/P of Caffe's loss); "pair_count":
+  # times the number of pairs, cancelling that 1/P (gradients of a plain loss's size).
+  config.miner.osm_caa.scale = "authors"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam"  # "adam": L2 weight decay added to the gradient; "adamw": decoupled.
@@ -134,6 +158,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Learning-rate multipliers by parameter group ("proxies") or path inside one ("model/head"); the
   # update of each parameter is scaled by the multiplier of its longest matching key (1 if none).
   config.optim.lr_mults = ml_collections.ConfigDict({"proxies": 1.0})
+  # optim.name may also be "sgd": Caffe's SGD with momentum and L2 weight decay.
+  config.optim.momentum = 0.9  # SGD's momentum.
+  # optim.schedule may also be "step": the rate times step_factor at each of step_boundaries.
+  config.optim.step_boundaries = ()
+  config.optim.step_factor = 0.5
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 10_000  # Training steps (one PK batch each).

@@ -21,6 +21,11 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     the same with MemVir's virtual classes from step 400 (as XBM's memory), the
                     curriculum full 50 steps later: N 10, M 4 (ProxyNCA: N 5, M 9, a longer gap for
                     ProxyNCA as the authors'); P x K batches, as the baselines above
+  distance_contrastive, osm, osm_caa
+                    the contrastive loss on distances (margin 1.2, mean over pairs) plain, with OSM's
+                    soft pair weights, and with OSM + CAA (the classifier over the pooled features):
+                    the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
+                    training labels shuffled: --config.data.label_noise=0.1
 """
 
 from configs import default
@@ -52,6 +57,8 @@ def memvir(loss_name: str):
                                   init_std=config.references.proxies.init_std, num_steps=num_steps,
                                   step_gap=step_gap, warmup_steps=400)
   return config
+OSM_VARIANTS = {"distance_contrastive": None, "osm": False, "osm_caa": True}  # CAA's attention.
+VARIANTS += tuple(OSM_VARIANTS)
 
 
 def get_config(variant: str = ""):
@@ -68,6 +75,8 @@ def get_config(variant: str = ""):
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 50
 
+  if variant in OSM_VARIANTS:
+    return osm_config(config, attention=OSM_VARIANTS[variant])
   method, loss_name = "", variant or "ms"
   if variant.startswith(("mmsi_", "xbm_")):
     method, loss_name = variant.split("_", 1)
@@ -87,4 +96,18 @@ def get_config(variant: str = ""):
     config.references.name = "xbm"
     config.references.xbm.size = 2048
     config.references.xbm.start_step = 400
+  return config
+
+
+def osm_config(config, attention):
+  """The distance contrastive loss (alpha 1.2), plain (attention None) or OSM-weighted, with CAA when
+  `attention`."""
+  config.loss.name = "distance_contrastive"
+  config.loss.hparams = {"margin": 1.2}
+  if attention is not None:
+    config.miner.name = "osm_caa"
+    config.miner.osm_caa.attention = attention
+    # With Adam and L2 decay in the gradient, the authors' 1/P (1/2,016 here) would leave the metric
+    # gradient far below the decay term (docs/METHODS.md, OSM + CAA): undo it.
+    config.miner.osm_caa.scale = "pair_count"
   return config

@@ -66,6 +66,16 @@ MemVir's setup (Ko et al., ICCV 2021; navervision/MemVir, main.py and README.md)
     classes from epoch 40: NormSoftmax N 45, M 10; ProxyNCA N 20, M 25 (the README's Cars settings, the
     only ones published); the others N 45, M 10 (our choice: the code holds no other loss). On SOP the
     queues are stored in bfloat16: 5.8 GB instead of 11.6 GB in float32.
+OSM + CAA's setup (Wang et al., AAAI 2019; their Caffe code on GoogLeNet-BN), cub200 and cars196 only:
+  osm_caa
+    the contrastive loss on distances (margin 1.2) weighted by OSM (sigma 0.8, alpha 1.2) times the
+    class-aware attention (sigma 0.68), each set normalised to 0.5, the loss's 1/P kept; a classifier
+    over the pooled features trained with the focused cross-entropy (Gaussian 0.5, 0.18), loss weight
+    1; 8 classes x 7 images; no augmentation (resize 256, centre crop 224); BatchNorm trained; SGD
+    momentum 0.9, CUB lr 5e-4, weight decay 3e-4, 3,000 iterations, x0.5 at 500, 1,000, 1,500 and
+    2,000; Cars lr 1e-3, weight decay 5e-5, 10,000 iterations, x0.5 every 1,500. The embedding (1024-d)
+    is the linear head over the pooled features, not the authors' inception_4e branch, and there is one
+    classifier, not three (docs/METHODS.md, OSM + CAA).
 
 Batches are P x K here (K = 4 where the authors draw images at random: 32 x 4 for 128, 45 x 4 for 180).
 Step decays (MemVir x0.1 at epoch 50; Proxy-Anchor x0.5 every 10 or 20 epochs), Proxy-Anchor's one
@@ -126,6 +136,22 @@ VARIANTS = (*VARIANTS, *RESNET50_VARIANTS)
 MEMVIR_STEPS = {"proxy_nca": (20, 25)}  # (N, M) where not (45, 10).
 MEMVIR_VARIANTS = tuple(f"memvir_{name}" for name in (*MEMVIR_BASELINES, "proxy_anchor"))
 VARIANTS += MEMVIR_VARIANTS
+
+
+@dataclasses.dataclass(frozen=True)
+class OSMSetup:
+  """OSM + CAA's authors' solver on one dataset."""
+  learning_rate: float
+  weight_decay: float
+  num_steps: int
+  step_boundaries: tuple
+
+
+OSM_SETUPS = {
+    "cub200": OSMSetup(5e-4, 3e-4, 3_000, (500, 1_000, 1_500, 2_000)),
+    "cars196": OSMSetup(1e-3, 5e-5, 10_000, tuple(range(1_500, 10_000, 1_500))),
+}
+OSM_VARIANTS = ("osm_caa",)
 
 
 def _bn_inception(dataset: str, *, image_size: int, crop_scale: tuple, pooling: str, frozen_bn: bool,
@@ -272,13 +298,35 @@ def resnet50_variant(dataset: str, variant: str) -> ml_collections.ConfigDict:
   return config
 
 
+def osm_caa(dataset: str) -> ml_collections.ConfigDict:
+  setup = OSM_SETUPS[dataset]
+  config = _bn_inception(dataset, image_size=224, crop_scale=(1.0, 1.0), pooling="avg",
+                         frozen_bn=False, classes_per_batch=8, samples_per_class=7)
+  config.data.train_crop = "center"  # No online augmentation.
+  config.data.flip = False
+  config.model.embed_dim = 1024
+  _set_loss(config, "distance_contrastive", dict(margin=1.2))
+  config.miner.name = "osm_caa"
+  config.miner.osm_caa.update(
+      pos_sigma=0.8, margin=1.2, set_weight=0.5, attention=True, attention_sigma=0.68,
+      classifier_weight=1.0, classifier_focus_mean=0.5, classifier_focus_sigma=0.18, scale="authors")
+  config.optim.update(name="sgd", momentum=0.9, learning_rate=setup.learning_rate,
+                      weight_decay=setup.weight_decay, schedule="step",
+                      step_boundaries=setup.step_boundaries, step_factor=0.5)
+  config.train.num_steps = setup.num_steps
+  return config
+
+
 def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   """The config of `variant` on `dataset` (module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"configs/{dataset}.py has variants {VARIANTS}, got {variant!r}.")
+  variants = VARIANTS + (OSM_VARIANTS if dataset in OSM_SETUPS else ())
+  if variant not in variants:
+    raise ValueError(f"configs/{dataset}.py has variants {variants}, got {variant!r}.")
   if variant in RESNET50_VARIANTS:
     return resnet50_variant(dataset, variant)
-  if variant in MMSI_VARIANTS:
+  if variant in OSM_VARIANTS:
+    config = osm_caa(dataset)
+  elif variant in MMSI_VARIANTS:
     config = mmsi_authors(dataset, variant)
   elif variant in XBM_VARIANTS:
     config = xbm(dataset, variant)

@@ -72,8 +72,12 @@ class Components:
 
 
 def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Learning rate by step: linear warm-up from 0, then constant or cosine decay to 0. Without warm-up
-  (warmup_steps 0) the first step takes the full rate."""
+  """Learning rate by step: linear warm-up from 0, then constant, cosine decay to 0, or step decay
+  (times step_factor at each of step_boundaries). Without warm-up (warmup_steps 0) the first step takes
+  the full rate."""
+  if optim.schedule == "step":
+    return step_schedule(optim.learning_rate, optim.step_boundaries, optim.step_factor,
+                         optim.warmup_steps)
   if optim.schedule == "cosine":
     if optim.warmup_steps == 0:
       return optax.cosine_decay_schedule(optim.learning_rate, num_steps, alpha=0.0)
@@ -82,6 +86,21 @@ def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.S
   if optim.warmup_steps == 0:
     return optax.constant_schedule(optim.learning_rate)
   return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+
+
+def step_schedule(learning_rate: float, boundaries, factor: float,
+                  warmup_steps: int = 0) -> optax.Schedule:
+  """lr(t) = learning_rate * factor^(number of boundaries <= t), ramped linearly from 0 over the
+  warm-up steps: Caffe's "multistep" policy (OSM + CAA's authors: x0.5 at each boundary)."""
+  boundaries = jnp.asarray(tuple(boundaries), jnp.int32).reshape(-1)
+
+  def schedule(step):
+    decays = jnp.sum(step >= boundaries)
+    rate = learning_rate * jnp.asarray(factor, jnp.float32) ** decays
+    if warmup_steps:
+      rate = rate * jnp.minimum(step / warmup_steps, 1.0)
+    return rate
+  return schedule
 
 
 def _path_name(path) -> str:
@@ -107,9 +126,16 @@ def scale_by_lr_multipliers(lr_mults: Mapping[str, float]) -> optax.GradientTran
 
 def create_optimizer(optim: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW), then the
-  per-group learning-rate multipliers `optim.lr_mults`."""
-  if optim.name == "adamw":
+  """Adam with weight decay (L2 in the gradient, as torch's Adam, or decoupled: AdamW), or SGD with
+  momentum and L2 weight decay, then the per-group learning-rate multipliers `optim.lr_mults`.
+
+  SGD is Caffe's: v <- momentum * v + lr(t) * (g + weight_decay * theta), theta <- theta - v (the
+  learning rate inside the momentum buffer, so a step decay takes effect gradually, as in Caffe)."""
+  if optim.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                     optax.scale_by_learning_rate(schedule),
+                     optax.trace(decay=optim.momentum))
+  elif optim.name == "adamw":
     tx = optax.adamw(schedule, eps=optim.eps, weight_decay=optim.weight_decay)
   else:
     tx = optax.chain(optax.add_decayed_weights(optim.weight_decay),
@@ -154,12 +180,13 @@ def create_train_state(rng: jax.Array, components: Components, image_shape: tupl
   images = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(init_rng, images, train=False)
   embed_dim = jax.eval_shape(lambda: model.apply(variables, images)).shape[-1]
+  feature_dim = jax.eval_shape(lambda: model.apply(variables, images, method="features")).shape[-1]
   params = {MODEL_PARAMS: variables["params"]}
   references_params, references_state = components.references.init(references_rng, embed_dim)
   params.update(references_params)
   miner_state = None
   if components.miner is not None:
-    miner_params, miner_state = components.miner.init(miner_rng, embed_dim)
+    miner_params, miner_state = components.miner.init(miner_rng, embed_dim, feature_dim)
     params.update(miner_params)
   check_lr_multipliers(params, components.lr_mults)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -172,7 +199,8 @@ def similarities(components: Components, state: TrainState, images: jax.Array, l
   """S(params) [B, M] of a training batch (train mode) and its VJP.
 
   Returns (sim, sim_vjp, (pairs, features [B, F], embeddings [B, D], new batch_stats, the references'
-  state with this batch taken in)); sim_vjp maps a cotangent [B, M] to (gradient w.r.t. params,).
+  state with this batch taken in)); sim_vjp maps a cotangent [B, M] of S, and optionally one [B, F] of
+  the features (a miner's auxiliary loss), to (gradient w.r.t. params,).
   """
   model, refs = components.model, components.references
 
@@ -183,10 +211,19 @@ def similarities(components: Components, state: TrainState, images: jax.Array, l
     references_state = refs.update(state.references, state.params,
                                    jax.lax.stop_gradient(embeddings), labels, state.step)
     pairs = refs.pairs(references_state, params, embeddings, labels)
-    return pairs.sim, (pairs, features, embeddings, updates.get("batch_stats", state.batch_stats),
-                       references_state)
+    return (pairs.sim, features), (pairs, features, embeddings,
+                                   updates.get("batch_stats", state.batch_stats), references_state)
 
-  return jax.vjp(sim_of, state.params, has_aux=True)
+  (sim, features), outputs_vjp, aux = jax.vjp(sim_of, state.params, has_aux=True)
+  # A jax.tree_util.Partial, as jax.vjp's own, so that StepInputs can cross a jit boundary.
+  return sim, jax.tree_util.Partial(_sim_vjp, outputs_vjp, features), aux
+
+
+def _sim_vjp(outputs_vjp, features, cotangent, features_cotangent=None):
+  """The VJP of S(params) (and of the features, with a features cotangent [B, F])."""
+  if features_cotangent is None:
+    features_cotangent = jnp.zeros_like(features)
+  return outputs_vjp((cotangent, features_cotangent))
 
 
 def _objective(refs, loss_fn, hparams: dict, references_state, step: jax.Array, pairs: losses.Pairs,
@@ -263,7 +300,16 @@ def make_train_step(components: Components, mesh=None) -> Callable:
       multipliers, miner_state, miner_metrics = miner.multipliers(state.miner, inputs)
       metrics.update(miner_metrics)
       update = miner_metrics.get(UPDATE)  # The miner may skip this step's update (mining/base.py).
-    (grads,) = sim_vjp(cotangent_of(multipliers))
+    features_cotangent, auxiliary_grads = None, None
+    if getattr(miner, "auxiliary_loss", None) is not None:  # Added to the objective (mining/).
+      (auxiliary_loss, auxiliary_metrics), (auxiliary_grads, features_cotangent) = jax.value_and_grad(
+          miner.auxiliary_loss, argnums=(0, 1), has_aux=True)(state.params, features, labels)
+      metrics.update(auxiliary_metrics)
+      metrics["train/auxiliary_loss"] = auxiliary_loss
+      metrics["train/loss"] = metrics["train/loss"] + auxiliary_loss
+    (grads,) = sim_vjp(cotangent_of(multipliers), features_cotangent)
+    if auxiliary_grads is not None:
+      grads = jax.tree.map(jnp.add, grads, auxiliary_grads)
     updates, opt_state = components.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if update is not None:  # Selected, not branched: see mining/mmsi.py on lax.cond on the CPU.

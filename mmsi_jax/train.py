@@ -60,10 +60,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f"data.sampler={config.data.sampler!r} is not one of {tuple(sampler_lib.SAMPLERS)}.")
   require(config.data.normalization in transforms.NORMALIZATIONS,
           f"data.normalization={config.data.normalization!r} is not one of {transforms.NORMALIZATIONS}.")
-  require(config.data.train_crop in ("pad", "random_resized"),
-          f"data.train_crop={config.data.train_crop!r} is not 'pad' or 'random_resized'.")
+  require(config.data.train_crop in ("pad", "random_resized", "center"),
+          f"data.train_crop={config.data.train_crop!r} is not 'pad', 'random_resized' or 'center'.")
   require(config.data.train_crop == "pad" or config.data.image_size > 0,
-          "data.train_crop='random_resized' needs data.image_size > 0.")
+          f"data.train_crop={config.data.train_crop!r} needs data.image_size > 0.")
   require(config.model.name in models.names(),
           f"model.name={config.model.name!r} is not one of {models.names()}.")
   checked(models.MODELS.check_settings, config.model.name,
@@ -93,10 +93,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(batch_size % jax.device_count() == 0,
           f"The batch of {batch_size} images cannot be split over {jax.device_count()} devices: make "
           f"data.classes_per_batch * data.samples_per_class a multiple of the device count.")
-  require(config.optim.name in ("adam", "adamw"),
-          f"optim.name={config.optim.name!r} is not 'adam' or 'adamw'.")
-  require(config.optim.schedule in ("constant", "cosine"),
-          f"optim.schedule={config.optim.schedule!r} is not 'constant' or 'cosine'.")
+  require(config.optim.name in ("adam", "adamw", "sgd"),
+          f"optim.name={config.optim.name!r} is not 'adam', 'adamw' or 'sgd'.")
+  require(config.optim.schedule in ("constant", "cosine", "step"),
+          f"optim.schedule={config.optim.schedule!r} is not 'constant', 'cosine' or 'step'.")
+  boundaries = list(config.optim.step_boundaries)
+  require(config.optim.schedule != "step" or (
+      boundaries == sorted(boundaries) and all(0 < b < train.num_steps for b in boundaries)),
+          f"optim.step_boundaries={tuple(boundaries)} must be increasing steps in (0, "
+          f"train.num_steps={train.num_steps}).")
+  require(config.optim.step_factor > 0, "optim.step_factor must be positive.")
+  require(0 <= config.optim.momentum < 1, "optim.momentum must be in [0, 1).")
+  require(0 <= config.data.label_noise <= 1,
+          f"data.label_noise={config.data.label_noise} is a fraction of the training images: use a "
+          f"value in [0, 1].")
   require(config.optim.learning_rate > 0, "optim.learning_rate must be positive.")
   require(all(value > 0 for value in config.optim.lr_mults.values()),
           f"optim.lr_mults must be positive, got {dict(config.optim.lr_mults)}.")
@@ -159,6 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_source = pipeline.load_split(data.name, data.train_split, data.data_dir, decode_images=False)
   test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
   train_labels = pipeline.split_labels(train_source)
+  if data.label_noise > 0:  # The sampler and the batches see the shuffled labels.
+    train_labels = pipeline.shuffled_labels(train_labels, data.label_noise, data.label_noise_seed)
+    train_source = pipeline.RelabeledSource(train_source, train_labels)
   components = build(config, num_classes=int(train_labels.max()) + 1, model=model)
   sampler = sampler_lib.build(
       data.sampler, train_labels, data.classes_per_batch, data.samples_per_class, seed=config.seed,

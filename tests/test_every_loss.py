@@ -16,6 +16,7 @@ NUM_CLASSES = 7  # Batch classes 0-3 and a singleton 6; memory classes 0-4; clas
 # One case per loss (and per triplet mining), then hyperparameter variants checked against NumPy only.
 MAIN_CASES = [
     ("contrastive", {}),
+    ("distance_contrastive", {}),
     ("multi_similarity", {}),
     ("triplet", dict(mining="all")),
     ("triplet", dict(mining="hard")),
@@ -33,6 +34,7 @@ CASES = MAIN_CASES + [
     ("contrastive", dict(pos_margin=0.9, neg_margin=0.2)),
     ("triplet", dict(mining="all", margin=0.3)),
     ("ntxent", dict(temperature=0.5)),
+    ("distance_contrastive", dict(margin=0.7)),
     ("arcface", dict(margin=1.2, scale=8.0)),  # theta + margin passes pi: the linear continuation.
 ]
 
@@ -70,6 +72,13 @@ def anchor_sets(problem):
 def np_contrastive(sets, pos_margin=1.0, neg_margin=0.8):
   return sum(np.maximum(pos_margin - p, 0).sum() + np.maximum(n - neg_margin, 0).sum()
              for p, n in sets) / len(sets)
+
+
+def np_distance_contrastive(sets, margin=1.2):
+  """Mean over every (anchor, reference) pair of 1/2 |x - y|^2 (positive) or 1/2 [margin - |x - y|]_+^2."""
+  terms = [0.5 * (2 - 2 * s) for p, _ in sets for s in p]
+  terms += [0.5 * max(margin - np.sqrt(2 - 2 * s), 0) ** 2 for _, n in sets for s in n]
+  return sum(terms) / len(terms)
 
 
 def np_multi_similarity(sets, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
@@ -315,10 +324,11 @@ def satisfied_pairs():
 
 # Anchor-coupled losses: an anchor without a positive has no term at all. Contrastive and binomial
 # deviance score each pair on its own, so their negatives still count (checked against NumPy above).
-UNCOUPLED = ("contrastive", "binomial_deviance")
+UNCOUPLED = ("contrastive", "binomial_deviance", "distance_contrastive")
 # Smooth losses are never exactly zero; the other pair losses have a hinge and are, once every pair is
 # on the right side of its margin.
-SMOOTH = ("binomial_deviance", "ntxent")
+# The distance contrastive loss's positive term d^2 = 2 - 2 S has no hinge: its W is -1/N even at S = 1.
+SMOOTH = ("binomial_deviance", "ntxent", "distance_contrastive")
 
 
 @pytest.mark.parametrize("name,hparams", MAIN_CASES, ids=map(case_id, MAIN_CASES))
@@ -416,8 +426,8 @@ def test_batch_all_triplets_fit_in_memory_at_scale():
 
 
 def test_registry_and_argument_errors():
-  assert set(losses.names()) == {"binomial_deviance", "contrastive", "lifted_structure",
-                                 "multi_similarity", "ntxent", "triplet"}
+  assert set(losses.names()) == {"binomial_deviance", "contrastive", "distance_contrastive",
+                                 "lifted_structure", "multi_similarity", "ntxent", "triplet"}
   assert set(losses.proxy_names()) == {"arcface", "cosface", "norm_softmax", "proxy_anchor",
                                        "proxy_nca"}
   e, labels = jnp.asarray(np.eye(4, 6), jnp.float32), jnp.arange(4) % 2

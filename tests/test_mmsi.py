@@ -105,7 +105,7 @@ def test_meta_gradients_match_finite_differences(scope):
     assert np.any(jax.jit(jax.grad(meta_loss))(at) != 0)
 
     # d L_meta / d phi through m = phi(pair features).
-    _, state = miner.init(jax.random.PRNGKey(3), embed_dim=6)
+    _, state = miner.init(jax.random.PRNGKey(3), embed_dim=6, feature_dim=48)
     net_params = jax.tree.map(lambda x: x.astype(jnp.float64), state.net_params)
     objective = jax.jit(lambda phi: meta_loss(miner.net_multipliers(phi, inputs.pairs, inputs.weights)))
     m = miner.net_multipliers(net_params, inputs.pairs, inputs.weights)
@@ -161,7 +161,7 @@ def test_l2rw_weights_equal_the_closed_form_for_a_linear_embedding():
     inputs, memory = step_inputs(model, variables, jax.random.PRNGKey(5))
     miner = mining.build(mmsi_config(mode="l2rw", virtual_lr=alpha), model,
                        losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=4)
-    state = miner.init(jax.random.PRNGKey(0), embed_dim=3)[1].replace(memory=memory)
+    state = miner.init(jax.random.PRNGKey(0), embed_dim=3, feature_dim=48)[1].replace(memory=memory)
     got, _, _, fallback = jax.jit(miner._meta_step)(state, inputs)
 
     # Independently: dL_meta/dm_ij = -alpha <grad L_val(theta), W_ij grad S_ij(theta)> at m = 0,
@@ -200,7 +200,7 @@ def test_l2rw_falls_back_to_uniform_weights_when_no_pair_helps():
     inputs = inputs._replace(extras={VALIDATION: validation})
     miner = mining.build(mmsi_config(mode="l2rw"), model, losses.get_pair_loss("multi_similarity"),
                        HPARAMS, num_classes=4)
-    state = miner.init(jax.random.PRNGKey(0), embed_dim=3)[1].replace(memory=memory)
+    state = miner.init(jax.random.PRNGKey(0), embed_dim=3, feature_dim=48)[1].replace(memory=memory)
     m, state, _, fallback = jax.jit(miner._meta_step)(state, inputs)
   assert fallback and int(state.fallbacks) == 1
   np.testing.assert_array_equal(m, np.ones_like(m))
@@ -213,7 +213,7 @@ def test_warm_up_uses_plain_weights_until_the_memory_covers_every_class():
     inputs, _ = step_inputs(model, variables, jax.random.PRNGKey(5))
     miner = mining.build(mmsi_config(mode="l2rw", wait_for_coverage=True, memory_size=2), model,
                        losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=6)
-    _, state = miner.init(jax.random.PRNGKey(0), embed_dim=3)
+    _, state = miner.init(jax.random.PRNGKey(0), embed_dim=3, feature_dim=48)
     multipliers = jax.jit(miner.multipliers)
     m, state, metrics = multipliers(state, inputs)  # The batch holds classes 0-3 of 6.
     assert metrics["mmsi/ready"] == 0 and np.all(m == 1)

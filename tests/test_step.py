@@ -230,7 +230,7 @@ def test_learning_rate_multipliers_scale_each_groups_adam_step():
 # Every registered loss trains.
 
 EVERY_LOSS = ["ms", "contrastive", "triplet", "lifted_structure", "binomial_deviance", "ntxent",
-              *demo.PROXY_LOSSES]
+              *demo.PROXY_LOSSES, "distance_contrastive"]
 
 
 def test_every_registered_loss_is_covered():
@@ -273,8 +273,8 @@ class NegativesTwice:
     del model, pair_loss, hparams, num_classes
     self.factor = factor
 
-  def init(self, rng, embed_dim):
-    del rng, embed_dim
+  def init(self, rng, embed_dim, feature_dim):
+    del rng, embed_dim, feature_dim
     return {}, {"calls": jnp.zeros((), jnp.int32)}
 
   def multipliers(self, state, inputs):

@@ -76,8 +76,8 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
 
 def method_config(data_dir, method):
   """tiny_config with a method: "none" (MS), "mmsi", "proxy_anchor" (class proxies at 10x the
-  learning rate), "xbm" (contrastive with a memory of 100 slots from step 4) or "memvir" (NormSoftmax
-  with MemVir's queues from step 4, N 2, M 2, in random batches)."""
+  learning rate), "xbm" (contrastive with a memory of 100 slots from step 4), "memvir" (NormSoftmax
+  with MemVir's queues from step 4, N 2, M 2, in random batches) or "osm_caa"."""
   config = tiny_config(data_dir, miner="mmsi" if method == "mmsi" else "none")
   if method == "proxy_anchor":
     config.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", hparams={}))
@@ -94,10 +94,14 @@ def method_config(data_dir, method):
     config.references.memvir.update(num_steps=2, step_gap=2, warmup_steps=4)
     config.optim.lr_mults.proxies = 10.0
     config.data.sampler = "random"
+  elif method == "osm_caa":  # With its classifier, SGD, a step schedule and 10% of the labels shuffled.
+    config = demo.osm_config(config, attention=True)
+    config.optim.update(name="sgd", learning_rate=0.05, schedule="step", step_boundaries=(12,))
+    config.data.label_noise = 0.1
   return config
 
 
-@pytest.mark.parametrize("method", ["none", "mmsi", "proxy_anchor", "xbm", "memvir"])
+@pytest.mark.parametrize("method", ["none", "mmsi", "proxy_anchor", "xbm", "memvir", "osm_caa"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch,
                                                                   method):
   config = method_config(glyphs_dir, method)
@@ -108,7 +112,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   tracked = "xbm/batch_loss" if method == "xbm" else "train/loss"
   train_losses = [r[tracked] for r in records if tracked in r]
   assert train_losses[-1] < train_losses[0]
-  if method not in ("proxy_anchor", "memvir"):  # 20 tiny steps: about 6 samples per proxy, too few.
+  # 20 tiny steps show each of the 100 proxies about 6 samples: too few. OSM + CAA's 20 SGD steps on
+  # noisy labels go mostly to its 100-class classifier.
+  if method not in ("proxy_anchor", "memvir", "osm_caa"):
     assert final["test/recall@1"] > final["baseline/recall@1"]
   if method == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
     np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
@@ -158,6 +164,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
     queues = state_b["references"]
     assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 100, 16)
     assert records[-2]["memvir/classes"] == 300
+  if method == "osm_caa":  # And the classifier (features -> 100 classes), with its SGD momentum.
+    kernel_shape = state_b["params"]["classifier"]["kernel"].shape
+    assert kernel_shape[1] == 100
+    momenta = [leaf for leaf in jax.tree.leaves(state_b["opt_state"]) if np.shape(leaf) == kernel_shape]
+    assert len(momenta) == 1 and np.any(np.asarray(momenta[0]) != 0)
   assert not os.path.exists(partial)
 
 

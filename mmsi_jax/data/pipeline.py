@@ -100,6 +100,35 @@ def load_split(name: str, split: str, data_dir: str, *, decode_images: bool = Tr
   return DecodedSource(source) if decode_images else source
 
 
+class RelabeledSource:
+  """A random-access source whose records carry the given labels [N] instead of their own."""
+
+  def __init__(self, source, labels: np.ndarray):
+    self._source = source
+    self.labels = labels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return {**self._source[index], "label": int(self.labels[index])}
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [{**record, "label": int(self.labels[i])}
+            for i, record in zip(indices, self._source.__getitems__(indices))]
+
+
+def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Label noise (config data.label_noise): `labels` [N] with those of round(fraction * N) examples,
+  chosen at random, permuted among them (both draws from `seed`, so every run with this seed has the
+  same noise); an example may keep its class by chance, as in any shuffle."""
+  rng = np.random.default_rng(seed)
+  chosen = rng.choice(len(labels), int(round(fraction * len(labels))), replace=False)
+  noisy = np.array(labels, copy=True)
+  noisy[chosen] = noisy[rng.permutation(chosen)]
+  return noisy
+
+
 def split_labels(source) -> np.ndarray:
   """Labels [N] of every example of a source read with decode_images=False (no image is decoded)."""
   return np.array([record["label"] for record in source], np.int64)

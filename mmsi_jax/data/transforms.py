@@ -7,6 +7,7 @@ so a batch crosses to the accelerator at a quarter of the bytes of float32.
   RandomResizedCrop   train: a random crop with area fraction in `scale` and aspect ratio (width / height)
                       in `ratio`, resized to size x size.
   ResizeCenterCrop    test: shorter side resized to `resize`, then the centre size x size.
+  CenterCropTrain     train without augmentation: the test transform (train_crop "center").
   Decode              test: the stored image as it is.
 
 Both crops of JPEG input decode at reduced resolution when the crop is at least twice the output size
@@ -144,14 +145,28 @@ class Decode:
     return decode_image(data)
 
 
+@dataclasses.dataclass(frozen=True)
+class CenterCropTrain:
+  """Train without augmentation (as OSM + CAA's authors): shorter side to `resize`, centre size x size."""
+  resize: int
+  size: int
+
+  def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+    del rng
+    return ResizeCenterCrop(self.resize, self.size)(data)
+
+
 def train_transform(data_config):
   """The train transform selected by config.data (train_crop, image_size, crop_*, flip)."""
+  if data_config.train_crop == "center":
+    return CenterCropTrain(data_config.resize_size, data_config.image_size)
   if data_config.train_crop == "pad":
     return PadCrop(data_config.crop_padding, data_config.flip)
   if data_config.train_crop == "random_resized":
     return RandomResizedCrop(data_config.image_size, tuple(data_config.crop_scale),
                              tuple(data_config.crop_ratio), data_config.flip)
-  raise ValueError(f"data.train_crop={data_config.train_crop!r} is not 'pad' or 'random_resized'.")
+  raise ValueError(f"data.train_crop={data_config.train_crop!r} is not 'pad', 'random_resized' or "
+                   f"'center'.")
 
 
 def test_transform(data_config):

@@ -28,6 +28,7 @@ import jax
 
 from mmsi_jax.losses.binomial_deviance import binomial_deviance
 from mmsi_jax.losses.contrastive import contrastive
+from mmsi_jax.losses.distance_contrastive import distance_contrastive
 from mmsi_jax.losses.lifted_structure import lifted_structure
 from mmsi_jax.losses.multi_similarity import multi_similarity, multi_similarity_mining
 from mmsi_jax.losses.ntxent import ntxent
@@ -42,6 +43,7 @@ PAIR_LOSSES = Registry("pair loss")
 for _name, _loss in {
     "binomial_deviance": binomial_deviance,
     "contrastive": contrastive,
+    "distance_contrastive": distance_contrastive,
     "lifted_structure": lifted_structure,
     "multi_similarity": multi_similarity,
     "ntxent": ntxent,
@@ -117,9 +119,9 @@ def get(name: str):
 
 __all__ = [
     "Pairs", "arcface", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
-    "cosface", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss", "lifted_structure",
-    "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_loss_on", "pair_weights",
-    "proxy_anchor", "proxy_names", "proxy_nca", "registry_of", "takes_multipliers", "triplet",
-    "weighted_pair_loss", "PAIR_LOSSES",
+    "cosface", "distance_contrastive", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss",
+    "lifted_structure", "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names",
+    "norm_softmax", "ntxent", "pair_loss_on", "pair_weights", "proxy_anchor", "proxy_names",
+    "proxy_nca", "registry_of", "takes_multipliers", "triplet", "weighted_pair_loss", "PAIR_LOSSES",
     "PROXY_LOSSES",
 ]

@@ -9,18 +9,27 @@ with pure, jittable methods:
                                               data.sampler.ExtraBatch requests (MMSI: a validation
                                               batch); the input pipeline serves them every step, whole
                                               on every device, in StepInputs.extras
-  init(rng, embed_dim) -> (params, state)     parameter groups it adds to TrainState.params (trained
+  init(rng, embed_dim, feature_dim) -> (params, state)
+                                              parameter groups it adds to TrainState.params (trained
                                               by the model optimizer) and its own state, kept in
-                                              TrainState.miner
+                                              TrainState.miner; D and F of the embeddings and the
+                                              backbone features
   multipliers(state, inputs) -> (m, state, metrics)
                                               m [B, M] >= 0 for the step's pairs (StepInputs); with
                                               the metric base.UPDATE it may keep the step from
                                               updating the parameters (see base.py)
+  auxiliary_loss(params, features, labels) -> (loss, metrics)
+                                              optional (absent or None: none):
+                                              a loss of the parameters and of the batch's backbone
+                                              features [B, F] that the step adds to the objective,
+                                              its gradient reaching the backbone through the
+                                              features (OSM + CAA: its classifier's cross-entropy)
 
-The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij, or, for a miner whose attribute
-`multipliers_in_loss` is true, on the loss with m passed inside it, L(S; m) (MMSI's authors' MS: m S
-in the exponents; losses.takes_multipliers). StepInputs.cotangent_of is that choice's dL_m/dS. "none" is
-no miner (m = 1: the loss's own gradient). Built with `build(config, model, pair_loss, hparams, num_classes)`.
+The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij (+ the auxiliary loss), or, for a miner
+whose attribute `multipliers_in_loss` is true, on the loss with m passed inside it, L(S; m) (MMSI's
+authors' MS: m S in the exponents; losses.takes_multipliers). StepInputs.cotangent_of is that choice's
+dL_m/dS. "none" is no miner (m = 1: the loss's own gradient). Built with `build(config, model,
+pair_loss, hparams, num_classes)`.
 """
 
 from typing import Callable, Optional
@@ -30,10 +39,12 @@ import ml_collections
 from mmsi_jax.mining import memory
 from mmsi_jax.mining.base import StepInputs
 from mmsi_jax.mining.mmsi import MMSI
+from mmsi_jax.mining.osm_caa import OSMCAA
 from mmsi_jax.registry import Registry
 
 MINERS = Registry("miner")
 MINERS.register("mmsi")(MMSI)
+MINERS.register("osm_caa")(OSMCAA)
 
 NONE = "none"
 
@@ -51,4 +62,4 @@ def build(config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams
                       model=model, pair_loss=pair_loss, hparams=hparams, num_classes=num_classes)
 
 
-__all__ = ["MINERS", "MMSI", "NONE", "StepInputs", "build", "memory", "names"]
+__all__ = ["MINERS", "MMSI", "NONE", "OSMCAA", "StepInputs", "build", "memory", "names"]

@@ -28,7 +28,8 @@ class StepInputs(NamedTuple):
     cotangent_of: multipliers m [B, M] -> dL_m/dS [B, M], the cotangent the update sends back through
       S: m * W, or grad_S L(S; m) for a miner that places m inside the loss (mining/__init__.py);
       differentiable in m.
-    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,).
+    sim_vjp: the VJP of S(params): cotangent [B, M] -> (gradient with respect to params,); a second,
+      optional argument [B, F] is a cotangent of the features (the step's auxiliary loss).
     pairs_of: (params, embeddings [B, D], labels [B]) -> Pairs, how this step builds S from the
       batch's embeddings (e.g. to differentiate S through the embedding head alone); a
       jax.tree_util.Partial, so StepInputs can cross a jit boundary.

@@ -170,7 +170,8 @@ class MMSI:
         VALIDATION, validation_classes,
         held_out_fraction=held_out_fraction if validation == "held_out" else 0.0),)
 
-  def init(self, rng: jax.Array, embed_dim: int):
+  def init(self, rng: jax.Array, embed_dim: int, feature_dim: int):
+    del feature_dim
     memory = memory_lib.init(self.config.memory_layout, self.config.memory_size, embed_dim,
                              self.num_classes)
     net_params, net_opt_state = {}, {}
