@@ -34,6 +34,7 @@ from mmsi_jax.losses.ntxent import ntxent
 from mmsi_jax.losses.pairs import (Pairs, build_pairs, build_proxy_pairs, loss_and_pair_weights,
                                    pair_weights, weighted_pair_loss)
 from mmsi_jax.losses.proxies import arcface, cosface, norm_softmax, proxy_anchor, proxy_nca
+from mmsi_jax.losses.smart_mining import global_loss, ratio_triplet, ratio_triplet_global
 from mmsi_jax.losses.triplet import triplet
 from mmsi_jax.registry import Registry
 
@@ -45,6 +46,9 @@ for _name, _loss in {
     "multi_similarity": multi_similarity,
     "ntxent": ntxent,
     "triplet": triplet,
+    "ratio_triplet": ratio_triplet,
+    "global_loss": global_loss,
+    "ratio_triplet_global": ratio_triplet_global,
 }.items():
   PAIR_LOSSES.register(_name)(_loss)
 
@@ -119,5 +123,5 @@ __all__ = [
     "cosface", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss", "lifted_structure",
     "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names", "norm_softmax", "ntxent", "pair_weights", "proxy_anchor",
     "proxy_names", "proxy_nca", "registry_of", "triplet", "weighted_pair_loss", "PAIR_LOSSES",
-    "PROXY_LOSSES",
+    "PROXY_LOSSES", "global_loss", "ratio_triplet", "ratio_triplet_global",
 ]
