@@ -17,6 +17,13 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     the proxy losses with 100 learnable class proxies, trained at 100x the learning
                     rate (as Proxy-Anchor and MemVir), and each paper's scale and margin
                     (docs/METHODS.md)
+  triplet_semihard  semi-hard triplet, margin 0.1, on PK batches
+  smart_mining_triplet, smart_mining
+                    Smart Mining batches (Harwood et al., ICCV 2017): 21 triplets (63 images) per
+                    batch, mined from the model's exact neighbours every epoch (114 steps) from epoch 2;
+                    smart_mining_triplet trains the margin triplet (0.1) on them with the bound fixed
+                    at kappa 1; smart_mining trains the paper's ratio triplet plus global loss with
+                    the adaptive controller (target e 0.6, kappa from 4)
 """
 
 from configs import default
@@ -33,8 +40,14 @@ PROXY_LOSSES = {
     "proxy_nca": {"scale": 12.0},
     "proxy_anchor": {"alpha": 32.0, "margin": 0.1},
 }
+SMART_MINING = {  # Variant: (loss, its hyperparameters, the batch policy, its settings).
+    "triplet_semihard": ("triplet", {"margin": 0.1, "mining": "semihard"}, "pk", {}),
+    "smart_mining_triplet": ("triplet", {"margin": 0.1, "mining": "all"}, "smart_mining",
+                             {"adaptive": False, "kappa": 1.0}),
+    "smart_mining": ("ratio_triplet_global", None, "smart_mining", {}),
+}
 VARIANTS = ("", *PAIR_LOSSES, *(f"mmsi_{name}" for name in PAIR_LOSSES), "xbm_ms", "xbm_contrastive",
-            *PROXY_LOSSES)
+            *PROXY_LOSSES, *SMART_MINING)
 
 
 def get_config(variant: str = ""):
@@ -48,6 +61,14 @@ def get_config(variant: str = ""):
   config.train.checkpoint_every = 200
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 50
+
+  if variant in SMART_MINING:
+    config.loss.name, hparams, config.data.batch_policy, settings = SMART_MINING[variant]
+    config.loss.hparams = hparams or {}  # None: the loss's defaults (the paper's m, lambda, t).
+    if config.data.batch_policy == "smart_mining":
+      config.references.name = "triplets"
+      config.data.smart_mining.update(settings)
+    return config
 
   method, loss_name = "", variant or "ms"
   if variant.startswith(("mmsi_", "xbm_")):

@@ -10,7 +10,7 @@ from mmsi_jax import losses
 from mmsi_jax.data import smart_mining
 from mmsi_jax.eval.retrieval import nearest_by_class
 from mmsi_jax.mining import controller
-from mmsi_jax.references.triplets import ACTIVE, TripletReferences
+from mmsi_jax.references.triplets import ACTIVE, TripletReferences, triplet_losses
 
 SETTINGS = dict(triplets_per_batch=6, refresh_every=0, start_epoch=1, mined_fraction=2 / 3,
                 neighbors=5, adaptive=True, kappa=1.5, target_error=0.6, window=3, step_gain=2.0,
@@ -219,3 +219,16 @@ def test_triplet_references_keep_one_positive_and_one_negative_per_anchor():
   assert metrics[ACTIVE] == pytest.approx(np.mean(per_triplet > 0))
   with pytest.raises(ValueError, match="multiple of 3"):
     refs.pairs(None, None, x[:8], labels[:8])
+
+
+def test_each_triplets_own_loss_inside_jit():
+  rng = np.random.default_rng(1)
+  sim_ap, sim_an = rng.uniform(0.2, 0.9, 30), rng.uniform(0.2, 0.9, 30)
+  for name, hparams, expected in [
+      ("triplet", dict(margin=0.1, mining="all"), np.maximum(sim_an - sim_ap + 0.1, 0)),
+      ("ratio_triplet", {}, np.maximum(
+          1 - np.sqrt(2 - 2 * sim_an) / (np.sqrt(2 - 2 * sim_ap) + 0.2), 0))]:
+    per_triplet = jax.jit(lambda a, n: triplet_losses(losses.get_pair_loss(name), hparams, a, n))(
+        jnp.asarray(sim_ap, jnp.float32), jnp.asarray(sim_an, jnp.float32))
+    np.testing.assert_allclose(per_triplet, expected, rtol=1e-5, atol=1e-6)
+    assert np.any(expected > 0) and np.any(expected == 0)
