@@ -229,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start_step + 1, num_steps + 1):
     if batches is None or step > period_end:  # A new period of the batch policy, refreshed if due.
       if policy.due(step - 1):
+        state = jax.block_until_ready(state)  # The steps dispatched so far, out of the timing.
         refresh_started = time.perf_counter()
         policy_state, policy_metrics = policy.refresh(jax.device_get(state.batches), step - 1,
                                                       embed_train_split)
