@@ -40,7 +40,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.eval_batch_size = 256  # Images per embedding call at evaluation.
   # Which examples make up a batch (mmsi_jax/data/batch_policy.py): "pk" (P classes x K images) or
   # "smart_mining" (triplets mined from the model's embedding, refreshed every epoch; Harwood et al.,
-  # ICCV 2017; it needs references.name="triplets"). The settings of a policy are under its name.
+  # ICCV 2017; with references.name="triplets" the loss sees exactly the mined triplets). The settings
+  # of a policy are under its name.
   config.data.batch_policy = "pk"
   config.data.smart_mining = ml_collections.ConfigDict()  # Smart Mining (docs/METHODS.md).
   config.data.smart_mining.triplets_per_batch = 21  # T; a batch is 3T images (anchor, pos., neg.).
