@@ -232,3 +232,23 @@ def test_each_triplets_own_loss_inside_jit():
         jnp.asarray(sim_ap, jnp.float32), jnp.asarray(sim_an, jnp.float32))
     np.testing.assert_allclose(per_triplet, expected, rtol=1e-5, atol=1e-6)
     assert np.any(expected > 0) and np.any(expected == 0)
+
+
+def test_config_checks_name_the_key_and_the_fix():
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from mmsi_jax import train  # pylint: disable=import-outside-toplevel
+  train.check_config(demo.get_config("smart_mining"))
+  for change, message in [
+      (dict(batch_policy="pk"), "references.name='triplets' reads batches laid out as 'triplets'"),
+      (dict(batch_policy="smart"), "data.batch_policy='smart' is not one of"),
+  ]:
+    config = demo.get_config("smart_mining")
+    config.data.update(change)
+    with pytest.raises(ValueError, match=message):
+      train.check_config(config)
+  for key, value, message in [("kapa", 2.0, "data.smart_mining.kapa is not a setting"),
+                              ("mined_fraction", 0.0, "mined_fraction must be in")]:
+    config = demo.get_config("smart_mining")
+    config.data.smart_mining[key] = value
+    with pytest.raises(ValueError, match=message):
+      train.check_config(config)
