@@ -45,6 +45,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # a fixed permutation drawn with label_noise_seed, before the PK sampler groups them (0: clean).
   config.data.label_noise = 0.0
   config.data.label_noise_seed = 0
+  # Which examples make up a batch (mmsi_jax/data/batch_policy.py): "pk" (P classes x K images) or
+  # "smart_mining" (triplets mined from the model's embedding, refreshed every epoch; Harwood et al.,
+  # ICCV 2017; with references.name="triplets" the loss sees exactly the mined triplets). The settings
+  # of a policy are under its name.
+  config.data.batch_policy = "pk"
+  config.data.smart_mining = ml_collections.ConfigDict()  # Smart Mining (docs/METHODS.md).
+  config.data.smart_mining.triplets_per_batch = 21  # T; a batch is 3T images (anchor, pos., neg.).
+  config.data.smart_mining.refresh_every = 0  # Steps between re-embeddings of the split; 0: an epoch.
+  config.data.smart_mining.start_epoch = 2  # Random triplets only in the first epochs (the paper: 2).
+  config.data.smart_mining.mined_fraction = 1.0  # Share of each batch mined (the paper: 0.5 to 1).
+  config.data.smart_mining.neighbors = 64  # k: each sample's list of nearest other-class samples.
+  config.data.smart_mining.adaptive = True  # kappa from the controller (False: fixed at kappa).
+  config.data.smart_mining.kappa = 4.0  # Initial bound factor: negatives beyond kappa d^2(a, p_NN).
+  config.data.smart_mining.target_error = 0.6  # e_t: share of triplets with a non-zero loss (0.5-0.75).
+  config.data.smart_mining.window = 4  # Refreshes the controller fits kappa = alpha e + beta over.
+  config.data.smart_mining.step_gain = 2.0  # Undetermined fit: kappa * exp(step_gain * (e - e_t)).
+  config.data.smart_mining.kappa_range = (0.05, 50.0)  # kappa is kept in this range.
+  config.data.smart_mining.chunk_size = 1024  # Side of a block of the exact neighbour search.
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"  # Model registered in mmsi_jax.models.

@@ -26,6 +26,13 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     soft pair weights, and with OSM + CAA (the classifier over the pooled features):
                     the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
                     training labels shuffled: --config.data.label_noise=0.1
+  triplet_semihard  semi-hard triplet, margin 0.1, on PK batches
+  smart_mining_triplet, smart_mining
+                    Smart Mining batches (Harwood et al., ICCV 2017): 21 triplets (63 images) per
+                    batch, mined from the model's exact neighbours every epoch (114 steps) from epoch 2;
+                    smart_mining_triplet trains the margin triplet (0.1) on them with the bound fixed
+                    at kappa 1; smart_mining trains the paper's ratio triplet plus global loss with
+                    the adaptive controller (target e 0.6, kappa from 4)
 """
 
 from configs import default
@@ -42,8 +49,14 @@ PROXY_LOSSES = {
     "proxy_nca": {"scale": 12.0},
     "proxy_anchor": {"alpha": 32.0, "margin": 0.1},
 }
+SMART_MINING = {  # Variant: (loss, its hyperparameters, the batch policy, its settings).
+    "triplet_semihard": ("triplet", {"margin": 0.1, "mining": "semihard"}, "pk", {}),
+    "smart_mining_triplet": ("triplet", {"margin": 0.1, "mining": "all"}, "smart_mining",
+                             {"adaptive": False, "kappa": 1.0}),
+    "smart_mining": ("ratio_triplet_global", None, "smart_mining", {}),
+}
 VARIANTS = ("", *PAIR_LOSSES, *(f"mmsi_{name}" for name in PAIR_LOSSES), "xbm_ms", "xbm_contrastive",
-            *PROXY_LOSSES)
+            *PROXY_LOSSES, *SMART_MINING)
 MEMVIR_STEPS = {"proxy_nca": (5, 9)}  # (N, M) where not (10, 4): N(M + 1) = 45 to 50 steps.
 VARIANTS += tuple(f"memvir_{name}" for name in PROXY_LOSSES)
 
@@ -77,6 +90,14 @@ def get_config(variant: str = ""):
 
   if variant in OSM_VARIANTS:
     return osm_config(config, attention=OSM_VARIANTS[variant])
+  if variant in SMART_MINING:
+    config.loss.name, hparams, config.data.batch_policy, settings = SMART_MINING[variant]
+    config.loss.hparams = hparams or {}  # None: the loss's defaults (the paper's m, lambda, t).
+    if config.data.batch_policy == "smart_mining":
+      config.references.name = "triplets"
+      config.data.smart_mining.update(settings)
+    return config
+
   method, loss_name = "", variant or "ms"
   if variant.startswith(("mmsi_", "xbm_")):
     method, loss_name = variant.split("_", 1)

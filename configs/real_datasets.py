@@ -76,6 +76,16 @@ OSM + CAA's setup (Wang et al., AAAI 2019; their Caffe code on GoogLeNet-BN), cu
     2,000; Cars lr 1e-3, weight decay 5e-5, 10,000 iterations, x0.5 every 1,500. The embedding (1024-d)
     is the linear head over the pooled features, not the authors' inception_4e branch, and there is one
     classifier, not three (docs/METHODS.md, OSM + CAA).
+Smart Mining's setup (Harwood et al., ICCV 2017; no public code), as the paper ran it on CUB and Cars
+(on SOP, which the paper does not report, the same setup):
+  smart_mining
+    batches of 40 triplets (anchor, positive, negative) mined every epoch from the exact nearest
+    neighbours of the training split's embedding, from epoch 2 on, with the adaptive controller of the
+    bound kappa (target share of triplets with a non-zero loss 0.6); the ratio triplet loss (m 0.2)
+    plus the global loss (t 0.01, lambda 1); a 64-d embedding whose new layer learns at 10x the rate;
+    weight decay 5e-4; 20 epochs. The paper trains GoogLeNet with SGD at 0.1, halved every 3 epochs;
+    here BN-Inception (average pooling, BatchNorm frozen) with Adam at a constant 1e-5, random-resized
+    crops 224 (scale 0.16 to 1) and flips (docs/METHODS.md lists the departures).
 
 Batches are P x K here (K = 4 where the authors draw images at random: 32 x 4 for 128, 45 x 4 for 180).
 Step decays (MemVir x0.1 at epoch 50; Proxy-Anchor x0.5 every 10 or 20 epochs), Proxy-Anchor's one
@@ -128,7 +138,8 @@ MEMVIR_BASELINES = {  # Loss hyperparameters and the proxies' initialisation.
     "arcface": ({"scale": 64.0, "margin": 0.5}, dict(init="normal", init_std=0.01)),
     "proxy_nca": ({"scale": 12.0}, dict(init="normal", init_std=(2 / 512) ** 0.5)),
 }
-VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor")
+VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor", "smart_mining")
+SMART_MINING_TRIPLETS = 40  # Triplets per batch of the smart_mining variant (120 images).
 # The setups above on torchvision's ImageNet ResNet-50 (module docstring).
 RESNET50_PRETRAINED = "data/pretrained/resnet50-0676ba61.pth"
 RESNET50_VARIANTS = ("xbm_contrastive_resnet50", "xbm_ms_resnet50", "proxy_anchor_resnet50")
@@ -317,6 +328,22 @@ def osm_caa(dataset: str) -> ml_collections.ConfigDict:
   return config
 
 
+def smart_mining(dataset: str) -> ml_collections.ConfigDict:
+  spec = DATASETS[dataset]
+  config = _bn_inception(dataset, image_size=224, crop_scale=(0.16, 1.0), pooling="avg",
+                         frozen_bn=True, classes_per_batch=16, samples_per_class=4)
+  config.model.embed_dim = 64
+  _set_loss(config, "ratio_triplet_global", {})  # m 0.2, t 0.01, lambda 1: the losses' defaults.
+  config.references.name = "triplets"
+  config.data.batch_policy = "smart_mining"
+  config.data.smart_mining.update(triplets_per_batch=SMART_MINING_TRIPLETS, start_epoch=2,
+                                  adaptive=True, target_error=0.6)
+  config.optim.update(learning_rate=1e-5, weight_decay=5e-4)
+  config.optim.lr_mults["model/head"] = 10.0  # The new embedding layer at 10x the rate.
+  config.train.num_steps = 20 * (spec.train_images // SMART_MINING_TRIPLETS)  # 20 epochs.
+  return config
+
+
 def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   """The config of `variant` on `dataset` (module docstring)."""
   variants = VARIANTS + (OSM_VARIANTS if dataset in OSM_SETUPS else ())
@@ -334,6 +361,8 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     config = memvir(dataset, variant)
   elif variant in MEMVIR_BASELINES:
     config = memvir_baseline(dataset, variant)
+  elif variant == "smart_mining":
+    config = smart_mining(dataset)
   else:
     config = proxy_anchor(dataset)
   spec = DATASETS[dataset]

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 
 from mmsi_jax import checkpointing, losses, mining, models, parallel, references, reporting
-from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
-from mmsi_jax.eval.evaluator import Evaluator, make_embed_fn
+from mmsi_jax.data import batch_policy, pipeline, sampler as sampler_lib, transforms
+from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
 from mmsi_jax.models import MODEL_PARAMS
 from mmsi_jax.step import build, create_train_state, make_train_step
 
@@ -83,16 +83,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(config.miner.name == mining.NONE or loss_kind == "pair",
           f"miner.name={config.miner.name!r} re-weights pair losses; loss.name={config.loss.name!r} is "
           f"a proxy loss: use miner.name='none' or a pair loss.")
+  require(config.data.batch_policy in batch_policy.BATCH_POLICIES,
+          f"data.batch_policy={config.data.batch_policy!r} is not one of "
+          f"{batch_policy.BATCH_POLICIES.names()}.")
+  stand_in_labels = np.arange(4096) % config.data.classes_per_batch
+  policy = None
+  try:
+    policy = batch_policy.build(config.data, stand_in_labels, seed=0, held_out_fraction=0.0,
+                                loss_fn=losses.registry_of(config.loss.name).get(config.loss.name),
+                                hparams=dict(config.loss.hparams))
+  except (ValueError, TypeError) as e:  # A wrong key or value; a missing setting.
+    require(False, str(e))
+  layout = getattr(references.REFERENCES.get(config.references.name), "batch_layout", policy.layout)
+  require(layout == policy.layout,
+          f"references.name={config.references.name!r} reads batches laid out as {layout!r}, which "
+          f"data.batch_policy={config.data.batch_policy!r} does not deliver ({policy.layout!r}).")
   train = config.train
   for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     require(train[key] > 0, f"train.{key} must be positive, got {train[key]}.")
   require(train.checkpoint_every % train.log_every == 0,
           f"train.checkpoint_every ({train.checkpoint_every}) must be a multiple of train.log_every "
           f"({train.log_every}) so that a resumed run logs exactly what an uninterrupted one does.")
-  batch_size = config.data.classes_per_batch * config.data.samples_per_class
+  batch_size = policy.batch_size
   require(batch_size % jax.device_count() == 0,
           f"The batch of {batch_size} images cannot be split over {jax.device_count()} devices: make "
-          f"data.classes_per_batch * data.samples_per_class a multiple of the device count.")
+          f"it (data.classes_per_batch * data.samples_per_class, or 3 * "
+          f"data.smart_mining.triplets_per_batch) a multiple of the device count.")
   require(config.optim.name in ("adam", "adamw", "sgd"),
           f"optim.name={config.optim.name!r} is not 'adam', 'adamw' or 'sgd'.")
   require(config.optim.schedule in ("constant", "cosine", "step"),
@@ -173,11 +189,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_labels = pipeline.shuffled_labels(train_labels, data.label_noise, data.label_noise_seed)
     train_source = pipeline.RelabeledSource(train_source, train_labels)
   components = build(config, num_classes=int(train_labels.max()) + 1, model=model)
-  sampler = sampler_lib.build(
-      data.sampler, train_labels, data.classes_per_batch, data.samples_per_class, seed=config.seed,
-      held_out_fraction=sampler_lib.held_out_fraction(components.extra_batches))
+  policy = batch_policy.build(
+      data, train_labels, seed=config.seed,
+      held_out_fraction=sampler_lib.held_out_fraction(components.extra_batches),
+      loss_fn=components.loss_fn, hparams=components.hparams)
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
   state = create_train_state(jax.random.PRNGKey(config.seed), components, image_shape)
+  state = state.replace(batches=policy.init_state())
 
   num_steps = config.train.num_steps
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
@@ -206,16 +224,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say(f"Resuming at step {start_step} of {num_steps} from {ckpt.directory}.")
   final = dict(baseline)
 
+  def embed_train_split():  # For a batch policy's refresh, with the current parameters.
+    return embed_split(embed, train_source, data.eval_batch_size, evaluator.transform)
+
+  def period_batches(completed_steps):
+    """The batches up to the end of the batch policy's current period (prefetching stops there)."""
+    return pipeline.train_batches(
+        train_source, policy.sampler(state.batches), transform=transforms.train_transform(data),
+        start_step=completed_steps, num_steps=policy.period_end(completed_steps, num_steps),
+        seed=config.seed, extra_batches=components.extra_batches, num_threads=data.num_threads,
+        num_workers=data.num_workers, prefetch=data.prefetch, host_index=jax.process_index(),
+        host_count=jax.process_count())
+
   progress = reporting.Progress(num_steps, start_step)
-  batches = pipeline.train_batches(
-      train_source, sampler, transform=transforms.train_transform(data), start_step=start_step,
-      num_steps=num_steps, seed=config.seed, extra_batches=components.extra_batches,
-      num_threads=data.num_threads, num_workers=data.num_workers, prefetch=data.prefetch,
-      host_index=jax.process_index(), host_count=jax.process_count())
+  batches, period_end = None, start_step
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()
   for step in range(start_step + 1, num_steps + 1):
+    if batches is None or step > period_end:  # A new period of the batch policy, refreshed if due.
+      if policy.due(step - 1):
+        state = jax.block_until_ready(state)  # The steps dispatched so far, out of the timing.
+        refresh_started = time.perf_counter()
+        policy_state, policy_metrics = policy.refresh(jax.device_get(state.batches), step - 1,
+                                                      embed_train_split)
+        state = state.replace(batches=jax.device_put(policy_state, parallel.replicated(mesh)))
+        writer.write(step, policy_metrics)
+        say(f"  batches refreshed for steps {step}..{policy.period_end(step - 1, num_steps)} in "
+            f"{time.perf_counter() - refresh_started:.1f} s: "
+            + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in policy_metrics.items()))
+      period_end = policy.period_end(step - 1, num_steps)
+      batches = period_batches(step - 1)
     state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
     pending.append((step, metrics))
     boundary = step % config.train.log_every == 0 or step == num_steps

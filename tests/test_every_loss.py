@@ -24,6 +24,9 @@ MAIN_CASES = [
     ("lifted_structure", {}),
     ("binomial_deviance", {}),
     ("ntxent", {}),
+    ("ratio_triplet", {}),
+    ("global_loss", {}),
+    ("ratio_triplet_global", {}),
     ("norm_softmax", {}),
     ("cosface", {}),
     ("arcface", {}),
@@ -35,6 +38,9 @@ CASES = MAIN_CASES + [
     ("triplet", dict(mining="all", margin=0.3)),
     ("ntxent", dict(temperature=0.5)),
     ("distance_contrastive", dict(margin=0.7)),
+    ("ratio_triplet", dict(margin=0.5)),
+    ("global_loss", dict(mean_weight=3.0, margin=0.4)),
+    ("ratio_triplet_global", dict(margin=0.1, global_weight=0.5, mean_weight=2.0, global_margin=0.3)),
     ("arcface", dict(margin=1.2, scale=8.0)),  # theta + margin passes pi: the linear continuation.
 ]
 
@@ -130,6 +136,27 @@ def np_ntxent(sets, temperature=0.1):
       denominator = np.exp(np.concatenate([p, n]) / temperature).sum()
       per_anchor.append(np.mean([-np.log(np.exp(s / temperature) / denominator) for s in p]))
   return np.mean(per_anchor) if per_anchor else 0.0
+
+
+def np_ratio_triplet(sets, margin=0.2):
+  costs = [max(1 - np.sqrt(2 - 2 * s_an) / (np.sqrt(2 - 2 * s_ap) + margin), 0)
+           for p, n in sets for s_ap in p for s_an in n]
+  return np.mean(costs) if costs else 0.0
+
+
+def np_global_loss(sets, mean_weight=1.0, margin=0.01):
+  d_pos = (1 - np.concatenate([p for p, _ in sets])) / 2
+  d_neg = (1 - np.concatenate([n for _, n in sets])) / 2
+  if not len(d_pos) or not len(d_neg):
+    return 0.0
+  return (np.var(d_pos) + np.var(d_neg)
+          + mean_weight * max(d_pos.mean() - d_neg.mean() + margin, 0))
+
+
+def np_ratio_triplet_global(sets, margin=0.2, global_weight=1.0, mean_weight=1.0,
+                            global_margin=0.01):
+  return (np_ratio_triplet(sets, margin)
+          + global_weight * np_global_loss(sets, mean_weight, global_margin))
 
 
 def proxy_samples(problem):
@@ -283,7 +310,9 @@ def test_pair_weights_reproduce_the_gradient(name, hparams):
   np.testing.assert_allclose(via_weights, direct_gradient, rtol=1e-9, atol=1e-12)
   weights = np.asarray(weights)
   assert np.all(weights[~np.asarray(pairs.pos | pairs.neg)] == 0)  # No weight off the pairs.
-  if name != "ntxent":  # Supervised NT-Xent may push a positive that holds most of the softmax mass.
+  # Supervised NT-Xent may push a positive that holds most of the softmax mass; the global loss's
+  # variances pull every pair towards its set's mean distance, from either side.
+  if name not in ("ntxent", "global_loss", "ratio_triplet_global"):
     assert np.all(weights[np.asarray(pairs.pos)] <= 0) and np.all(weights[np.asarray(pairs.neg)] >= 0)
 
 
@@ -427,7 +456,8 @@ def test_batch_all_triplets_fit_in_memory_at_scale():
 
 def test_registry_and_argument_errors():
   assert set(losses.names()) == {"binomial_deviance", "contrastive", "distance_contrastive",
-                                 "lifted_structure", "multi_similarity", "ntxent", "triplet"}
+                                 "lifted_structure", "multi_similarity", "ntxent", "triplet",
+                                 "ratio_triplet", "global_loss", "ratio_triplet_global"}
   assert set(losses.proxy_names()) == {"arcface", "cosface", "norm_softmax", "proxy_anchor",
                                        "proxy_nca"}
   e, labels = jnp.asarray(np.eye(4, 6), jnp.float32), jnp.arange(4) % 2

@@ -230,7 +230,8 @@ def test_learning_rate_multipliers_scale_each_groups_adam_step():
 # Every registered loss trains.
 
 EVERY_LOSS = ["ms", "contrastive", "triplet", "lifted_structure", "binomial_deviance", "ntxent",
-              *demo.PROXY_LOSSES, "distance_contrastive"]
+              "ratio_triplet", "global_loss", "ratio_triplet_global", *demo.PROXY_LOSSES,
+              "distance_contrastive"]
 
 
 def test_every_registered_loss_is_covered():

@@ -71,3 +71,46 @@ def recall_curve(ks: Sequence[int], recalls: Sequence[float], *, title: str = "R
   draw.text((width / 2, 6), title, fill=_INK, font=font, anchor="mt")
   draw.text((width / 2, height - 6), "K", fill=_INK, font=font, anchor="mb")
   return image
+
+
+_SERIES_COLOURS = (_QUERY, (230, 130, 20), _CORRECT, _WRONG, (130, 60, 170))
+
+
+def line_chart(series: dict, *, title: str, size: tuple = (640, 260)) -> Image.Image:
+  """Each named series {name: (x [n], y [n])} as a line with dots, in its own colour, against shared
+  axes fitted to all of them; a legend of the names under the title."""
+  width, height = size
+  left, right, top, bottom = 56, 24, 44, 32
+  image = Image.new("RGB", size, _BACKGROUND)
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default()
+  xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
+  ys = np.concatenate([np.asarray(y, float) for _, y in series.values()])
+  x_low, x_high = xs.min(), max(xs.max(), xs.min() + 1)
+  y_low, y_high = min(ys.min(), 0.0), ys.max() if ys.max() > min(ys.min(), 0.0) else 1.0
+
+  def point(x, y):
+    return (left + (x - x_low) / (x_high - x_low) * (width - left - right),
+            top + (y_high - y) / (y_high - y_low) * (height - top - bottom))
+
+  for tick in np.linspace(y_low, y_high, 5):
+    _, y = point(x_low, tick)
+    draw.line([left, y, width - right, y], fill=_GRID_LINE)
+    draw.text((left - 6, y), f"{tick:.3g}", fill=_INK, font=font, anchor="rm")
+  for tick in np.linspace(x_low, x_high, 5):
+    x, _ = point(tick, y_low)
+    draw.text((x, height - bottom + 6), f"{tick:.0f}", fill=_INK, font=font, anchor="mt")
+  draw.line([left, top, left, height - bottom, width - right, height - bottom], fill=_INK)
+  legend_x = left
+  for (name, (x, y)), colour in zip(series.items(), _SERIES_COLOURS):
+    points = [point(a, b) for a, b in zip(x, y)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    for px, py in points:
+      draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    draw.rectangle([legend_x, 24, legend_x + 10, 32], fill=colour)
+    draw.text((legend_x + 14, 28), name, fill=_INK, font=font, anchor="lm")
+    legend_x += 24 + int(draw.textlength(name, font=font))
+  draw.text((width / 2, 6), title, fill=_INK, font=font, anchor="mt")
+  draw.text((width / 2, height - 4), "step", fill=_INK, font=font, anchor="mb")
+  return image

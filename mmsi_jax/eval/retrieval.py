@@ -433,3 +433,31 @@ def retrieval_metrics(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
   metrics["num_queries"] = int(scored.sum())
   metrics["num_excluded_queries"] = int((~scored).sum())
   return metrics
+
+
+def nearest_by_class(embeddings, labels, k: int, *, same_class: bool,
+                     chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """Each item's k nearest other items by inner product among those of another class (same_class
+  False) or of its own class (True), nearest first (ties: lower index first), exact and blockwise.
+
+  Args:
+    embeddings: [N, D]; labels: [N] int.
+    k: the length of each list.
+    chunk_size: the side of a block of similarities (another class).
+
+  Returns:
+    similarities [N, k] float32 (-inf past the last where fewer than k exist) and indices [N, k] int32
+    (-1 there).
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  labels = np.asarray(labels).astype(np.int32)
+  if k < 1:
+    raise ValueError(f"k={k} must be positive.")
+  if same_class:
+    similarities, indices = _relevant_lists(embeddings, labels, embeddings, labels, depth=k,
+                                            symmetric=True)
+  else:
+    similarities, indices, _ = jax.device_get(_nearest_lists(
+        embeddings, labels, embeddings, labels, depth=k, block_size=chunk_size, symmetric=True))
+  similarities, indices = similarities[:len(labels)], indices[:len(labels)]
+  return similarities, np.where(np.isfinite(similarities), indices, -1).astype(np.int32)

@@ -36,6 +36,7 @@ from mmsi_jax.losses.pairs import (Pairs, build_pairs, build_proxy_pairs, loss_a
                                    pair_loss_on, pair_weights, takes_multipliers,
                                    weighted_pair_loss)
 from mmsi_jax.losses.proxies import arcface, cosface, norm_softmax, proxy_anchor, proxy_nca
+from mmsi_jax.losses.smart_mining import global_loss, ratio_triplet, ratio_triplet_global
 from mmsi_jax.losses.triplet import triplet
 from mmsi_jax.registry import Registry
 
@@ -48,6 +49,9 @@ for _name, _loss in {
     "multi_similarity": multi_similarity,
     "ntxent": ntxent,
     "triplet": triplet,
+    "ratio_triplet": ratio_triplet,
+    "global_loss": global_loss,
+    "ratio_triplet_global": ratio_triplet_global,
 }.items():
   PAIR_LOSSES.register(_name)(_loss)
 
@@ -123,5 +127,5 @@ __all__ = [
     "lifted_structure", "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names",
     "norm_softmax", "ntxent", "pair_loss_on", "pair_weights", "proxy_anchor", "proxy_names",
     "proxy_nca", "registry_of", "takes_multipliers", "triplet", "weighted_pair_loss", "PAIR_LOSSES",
-    "PROXY_LOSSES",
+    "PROXY_LOSSES", "global_loss", "ratio_triplet", "ratio_triplet_global",
 ]

@@ -7,6 +7,7 @@ A references component, found by name in `REFERENCES` (config `references.name`,
   xbm      the batch and a cross-batch memory of past embeddings (Wang et al., CVPR 2020)
   proxies  C learnable class proxies (every proxy loss's default)
   memvir   the proxies and past steps' embeddings and proxies as virtual classes (Ko et al., ICCV 2021)
+  triplets a batch of (anchor, positive, negative) rows: each anchor against its own two (Smart Mining)
 
 Each is an object with pure, jittable methods (docs/ARCHITECTURE.md draws how the step calls them):
 
@@ -33,6 +34,7 @@ import ml_collections
 from mmsi_jax.references.batch import BatchReferences
 from mmsi_jax.references.memvir import MemoryVirtualClasses
 from mmsi_jax.references.proxies import ClassProxies
+from mmsi_jax.references.triplets import TripletReferences
 from mmsi_jax.references.xbm import CrossBatchMemory
 from mmsi_jax.registry import Registry
 
@@ -41,6 +43,7 @@ REFERENCES.register("batch")(BatchReferences)
 REFERENCES.register("proxies")(ClassProxies)
 REFERENCES.register("xbm")(CrossBatchMemory)
 REFERENCES.register("memvir")(MemoryVirtualClasses)
+REFERENCES.register("triplets")(TripletReferences)
 
 DEFAULTS = ("batch", "proxies")  # The plain references of a pair and of a proxy loss.
 
@@ -58,4 +61,4 @@ def build(config: ml_collections.ConfigDict, num_classes: int):
 
 
 __all__ = ["BatchReferences", "ClassProxies", "CrossBatchMemory", "DEFAULTS", "MemoryVirtualClasses",
-           "REFERENCES", "build", "kind_of"]
+           "REFERENCES", "TripletReferences", "build", "kind_of"]
