@@ -31,16 +31,13 @@ from typing import Optional
 
 from absl import app
 from absl import flags
-import matplotlib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from mmsi_jax import main as main_lib
 from mmsi_jax import mining, references, reporting
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+from mmsi_jax.eval import figures
 
 # --config (the file, without a variant, and its --config.a.b=value overrides for every run) and
 # --workdir (of the runs, the table and the figures) are mmsi_jax.main's flags.
@@ -282,53 +279,25 @@ def write_markdown(rows: list[dict], path: str, title: str) -> None:
 
 
 def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str]:
-  """recall_at_1.png: test Recall@1 over training steps per variant, mean and a +-sd band over seeds;
-  final_recall_at_1.png: final Recall@1 per variant with +-sd error bars. Only finished runs count."""
+  """<workdir>/recall_at_1.png: test Recall@1 over training steps per variant, mean and a +-sd band over
+  seeds; final_recall_at_1.png: final Recall@1 per variant with +-sd error bars. Finished runs only."""
   key = f"test/{PRIMARY_METRIC}"
   curves, finals = {}, {}
   for variant in variants:
-    series = []
-    for run in runs:
-      if run.variant == variant and run.final_metrics() is not None:
-        series.append({r["step"]: r[key] for r in run.records() if key in r})
+    series = [{r["step"]: r[key] for r in run.records() if key in r}
+              for run in runs if run.variant == variant and run.final_metrics() is not None]
     if not series:
       continue
     steps = sorted(set.intersection(*(set(s) for s in series)))
     values = np.array([[s[step] for step in steps] for s in series])
-    curves[variant] = (steps, values.mean(0), values.std(0, ddof=1) if len(series) > 1 else 0 * steps)
+    sd = values.std(0, ddof=1) if len(series) > 1 else np.zeros(len(steps))
+    curves[variant] = (steps, values.mean(0), sd)
     finals[variant] = _mean_sd([s[max(s)] for s in series])
   if not curves:
     return []
   paths = [os.path.join(workdir, "recall_at_1.png"), os.path.join(workdir, "final_recall_at_1.png")]
-  colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for i, (variant, (steps, mean, sd)) in enumerate(curves.items()):
-    colour = colours[i % 20]
-    ax.plot(steps, mean, marker="o", markersize=3, color=colour, label=variant)
-    ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2)
-  ax.set(xlabel="training step", ylabel=f"test {PRIMARY_METRIC}",
-         title=f"{PRIMARY_METRIC} during training (mean ± sd over seeds)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(paths[0], dpi=120)
-  plt.close(fig)
-
-  names = list(finals)
-  means = np.array([finals[n][0] for n in names])
-  sds = np.nan_to_num(np.array([finals[n][1] for n in names]))
-  fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2), 4.5))
-  ax.bar(range(len(names)), means, yerr=sds, capsize=3, color=[colours[i % 20] for i in range(len(names))])
-  for i, mean in enumerate(means):
-    ax.text(i, mean + sds[i] + 0.005, f"{mean:.3f}", ha="center", va="bottom", fontsize=7)
-  ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-  low = max(0.0, float(np.min(means - sds)) - 0.1)
-  ax.set_ylim(low, min(1.0, float(np.max(means + sds)) + 0.05))
-  ax.set(ylabel=f"final test {PRIMARY_METRIC}", title=f"Final {PRIMARY_METRIC} (mean ± sd over seeds)")
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(paths[1], dpi=120)
-  plt.close(fig)
+  figures.training_curves(curves, metric=PRIMARY_METRIC).savefig(paths[0])
+  figures.final_bars(finals, metric=PRIMARY_METRIC).savefig(paths[1])
   return paths
 
 
@@ -458,11 +427,11 @@ def main(argv: list[str]) -> None:
     with workdir_lock(workdir):
       run_all(todo, config_path, overrides, slots, write_tables)
   write_tables()
-  figures = draw_figures(runs, variants, workdir)
+  drawn = draw_figures(runs, variants, workdir)
   with open(os.path.join(workdir, "results.md")) as f:
     print("\n" + f.read(), flush=True)
   print(f"Wrote {', '.join(os.path.join(workdir, n) for n in ('results.md', 'results.csv'))}"
-        + "".join(f", {p}" for p in figures) + f" in {_duration(time.perf_counter() - started)}.",
+        + "".join(f", {p}" for p in drawn) + f" in {_duration(time.perf_counter() - started)}.",
         flush=True)
   failed = [r for r in runs if r.final_metrics() is None]
   if failed:

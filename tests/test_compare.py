@@ -1,0 +1,114 @@
+"""The comparison command end to end on tiny variants (tests/compare_config.py): its table equals the
+runs' own metrics, a rerun does no work, a killed run resumes to the same result, a failure is reported."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import demo
+from mmsi_jax import compare, reporting
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1)
+
+
+def run_compare(workdir, data_dir, *args):
+  command = [sys.executable, "-m", "mmsi_jax.compare", "--config=tests/compare_config.py",
+             f"--seeds={','.join(map(str, SEEDS))}", f"--workdir={workdir}", "--parallel=2",
+             f"--config.data.data_dir={data_dir}", *args]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def final_test_metrics(run_dir):
+  record = reporting.read_metrics(run_dir)[-1]
+  return {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("test/")}
+
+
+@pytest.fixture(scope="module")
+def compared(glyphs_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("compare"))
+  return workdir, run_compare(workdir, glyphs_dir)
+
+
+def test_table_equals_the_runs_metrics_and_a_failure_is_reported(compared):
+  workdir, result = compared
+  assert result.returncode == 1  # The broken variant's two runs; the others finished.
+  assert "2 of 6 runs did not finish" in result.stderr
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = {row["variant"]: row for row in csv.DictReader(f)}
+  assert list(rows) == ["ms", "contrastive", "broken"]
+  for variant in ("ms", "contrastive"):
+    finals = [final_test_metrics(os.path.join(workdir, variant, f"seed_{s}")) for s in SEEDS]
+    assert set(finals[0]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1",
+                              "r_precision", "map@r"}
+    for metric in finals[0]:
+      values = [f[metric] for f in finals]
+      assert float(rows[variant][f"{metric}_mean"]) == pytest.approx(np.mean(values), rel=1e-12)
+      assert float(rows[variant][f"{metric}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert rows[variant]["finished"] == "2" and rows[variant]["failed"] == "0"
+    assert float(rows[variant]["wall_seconds_mean"]) > 0 and float(rows[variant]["step_ms_mean"]) > 0
+    assert rows[variant]["plain_variant"] == variant and float(rows[variant]["step_time_vs_plain"]) == 1
+  broken = rows["broken"]
+  assert broken["finished"] == "0" and broken["failed"] == "2" and broken["recall@1_mean"] == ""
+  assert "must be a multiple of train.log_every" in broken["errors"]
+  with open(os.path.join(workdir, "results.md")) as f:
+    table = f.read()
+  assert "| broken | 0/2, 2 failed |" in table and "must be a multiple of train.log_every" in table
+  mean, sd = float(rows["ms"]["recall@1_mean"]), float(rows["ms"]["recall@1_std"])
+  assert f"| ms | 2/2 | {mean:.4f} ± {sd:.4f} |" in table
+  for name in ("recall_at_1.png", "final_recall_at_1.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+
+
+def test_a_rerun_does_no_work_and_a_killed_run_resumes_to_the_same_result(compared, glyphs_dir):
+  workdir, _ = compared
+  run_dir = os.path.join(workdir, "ms", "seed_1")
+  finished_records = reporting.read_metrics(run_dir)
+  log_size = os.path.getsize(os.path.join(run_dir, compare.LOG_FILE))
+
+  rerun = run_compare(workdir, glyphs_dir, "--variants=ms,contrastive")
+  assert rerun.returncode == 0, rerun.stderr
+  assert "4 runs finished, 0 to run" in rerun.stdout
+  assert not [line for line in rerun.stdout.splitlines() if line.startswith("start ")]
+  assert os.path.getsize(os.path.join(run_dir, compare.LOG_FILE)) == log_size
+
+  # What a kill after the step-2 checkpoint leaves: that checkpoint, and a step-4 log line it wrote.
+  shutil.rmtree(os.path.join(run_dir, "checkpoints", "4"))
+  with open(os.path.join(run_dir, reporting.METRICS_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in finished_records
+                 if r["step"] <= 2 or (r["step"] == 4 and "train/loss" in r))
+
+  resumed = run_compare(workdir, glyphs_dir, "--variants=ms,contrastive")
+  assert resumed.returncode == 0, resumed.stderr
+  assert "3 runs finished, 1 to run" in resumed.stdout and "done ms seed 1" in resumed.stdout
+  with open(os.path.join(run_dir, compare.LOG_FILE)) as f:
+    assert "Resuming at step 2 of 4" in f.read()
+  assert reporting.read_metrics(run_dir) == finished_records
+  assert compare.Run("ms", 1, run_dir, None).status()["attempts"] == 2
+
+
+def test_each_variant_is_timed_against_its_plain_loss():
+  configs = {v: demo.get_config(v) for v in demo.VARIANTS if v}
+  counterparts = {v: compare.plain_counterpart(c, configs) for v, c in configs.items()}
+  assert counterparts["ms"] == counterparts["mmsi_ms"] == counterparts["xbm_ms"] == "ms"
+  assert counterparts["mmsi_contrastive"] == counterparts["xbm_contrastive"] == "contrastive"
+  assert counterparts["mmsi_triplet"] == "triplet"
+  assert counterparts["proxy_anchor"] == "proxy_anchor"  # A proxy loss is its own plain loss.
+  del configs["ms"]
+  assert compare.plain_counterpart(demo.get_config("mmsi_ms"), configs) is None
+
+
+def test_bad_arguments_stop_before_any_run(tmp_path):
+  for args, message in ((["--config=configs/demo.py:ms"], "pass the config file alone"),
+                        (["--config=configs/demo.py", "--variants=nope"], "has no variants ['nope']"),
+                        (["--config=configs/demo.py", "--config.seed=3"], "--seeds=0,1,2")):
+    result = subprocess.run([sys.executable, "-m", "mmsi_jax.compare", f"--workdir={tmp_path}", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert not os.listdir(tmp_path)
