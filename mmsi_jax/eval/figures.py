@@ -106,4 +106,6 @@ def _colour(rgb: tuple) -> tuple:
 
 
 def _palette(n: int) -> list:
-  return [matplotlib.colormaps["tab20"](i % 20) for i in range(n)]
+  """n colours, tab20's dark ones first, then its light ones (neighbours then differ)."""
+  order = [*range(0, 20, 2), *range(1, 20, 2)]
+  return [matplotlib.colormaps["tab20"](order[i % 20]) for i in range(n)]
