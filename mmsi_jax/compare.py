@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,15 +51,14 @@ _DEVICES_PER_RUN = flags.DEFINE_integer(
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 0, "Runs at once; 0: one per group of --devices_per_run GPUs, else 1. On the CPU, runs "
     "at once share its cores.")
-
 _RUN = flags.DEFINE_bool("run", True, "Run what is not finished; --norun: only write the table and "
                          "figures of the runs there are (also while another compare runs them).")
 
 POLL_SECONDS = 5.0  # How often the running runs are checked.
 PROGRESS_SECONDS = 60.0  # Most seconds between two progress lines.
 STATUS_FILE = "compare.json"  # In each run's workdir: wall seconds spent, attempts, the last error.
-LOG_FILE = "run.log"
-LOCK_FILE = "compare.lock"  # In the comparison's workdir while a compare runs there: its process id.  # In each run's workdir: the run's stdout and stderr, every attempt appended.
+LOG_FILE = "run.log"  # In each run's workdir: the run's stdout and stderr, every attempt appended.
+LOCK_FILE = "compare.lock"  # In the comparison's workdir while a compare runs there: its process id.
 PRIMARY_METRIC = "recall@1"
 
 
@@ -180,14 +180,6 @@ def device_slots(platform: str, count: int, devices_per_run: int, parallel: int)
   return [{} for _ in range(max(parallel, 1))]
 
 
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def _last_error(log_path: str) -> str:
   with open(log_path) as f:
     lines = [line.strip() for line in f if line.strip()]
@@ -231,8 +223,9 @@ def summarize(runs: list[Run], configs: dict[str, ml_collections.ConfigDict]) ->
 
 
 def _columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+  timing = ("wall_seconds_mean", "step_ms_mean")
   metrics = list(dict.fromkeys(k.removesuffix("_mean") for row in rows for k in row
-                               if k.endswith("_mean") and k not in ("wall_seconds_mean", "step_ms_mean")))
+                               if k.endswith("_mean") and k not in timing))
   rest = ["runs", "finished", "failed", "wall_seconds_mean", "wall_seconds_std", "step_ms_mean",
           "step_ms_std", "step_time_vs_plain", "plain_variant", "errors"]
   return metrics, rest
@@ -286,6 +279,7 @@ def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str
   for variant in variants:
     series = [{r["step"]: r[key] for r in run.records() if key in r}
               for run in runs if run.variant == variant and run.final_metrics() is not None]
+    series = [s for s in series if s]  # Without the metric (config.eval.ks without 1): not drawn.
     if not series:
       continue
     steps = sorted(set.intersection(*(set(s) for s in series)))
@@ -301,14 +295,15 @@ def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str
   return paths
 
 
-def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list[dict], on_finish) -> None:
+def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list[dict],
+            on_finish) -> None:
   """Runs every run in its own `mmsi_jax.main` process, len(slots) at once, printing overall progress
   (finished runs, steps done of all, and the ETA from the step rate so far); `on_finish()` after each."""
   pending = list(runs)
   free = list(range(len(slots)))
   running = {}  # slot -> (run, process, log file, start time)
   total_steps = sum(r.num_steps for r in runs)
-  steps_at_start = sum(min(r.steps_done(), r.num_steps) for r in runs)  # An ended run counts whole.
+  steps_at_start = sum(min(r.steps_done(), r.num_steps) for r in runs)
   started = time.perf_counter()
   last_report = 0.0
   ended_runs, failed = [], 0
@@ -335,22 +330,24 @@ def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list
         del running[slot]
         free.append(slot)
         finished = process.returncode == 0 and run.final_metrics() is not None
-        error = "" if finished else _last_error(log.name)
+        error = "" if finished else f"exit code {process.returncode}: {_last_error(log.name)}"
         run.record_attempt(time.perf_counter() - start, error)
         ended_runs.append(run)
         failed += not finished
         changed = True
         print(f"{'done' if finished else 'FAILED'} {run.variant} seed {run.seed} in "
-              f"{_duration(time.perf_counter() - start)}" + (f": {error}" if error else ""), flush=True)
+              f"{reporting.duration(time.perf_counter() - start)}" + (f": {error}" if error else ""),
+              flush=True)
         on_finish()
       if changed or time.perf_counter() - last_report >= PROGRESS_SECONDS:
-        steps = sum(r.num_steps if r in ended_runs else min(r.steps_done(), r.num_steps) for r in runs)
+        steps = sum(r.num_steps if r in ended_runs else min(r.steps_done(), r.num_steps)
+                    for r in runs)  # An ended run counts whole, failed or not.
         elapsed = time.perf_counter() - started
         rate = (steps - steps_at_start) / elapsed
         eta = (total_steps - steps) / rate if rate > 0 else math.inf
-        print(f"[compare] runs {len(ended_runs)}/{len(runs)} ended ({failed} failed), {len(running)} running | "
-              f"steps {steps}/{total_steps} | elapsed {_duration(elapsed)} | ETA {_duration(eta)}",
-              flush=True)
+        print(f"[compare] runs {len(ended_runs)}/{len(runs)} ended ({failed} failed), "
+              f"{len(running)} running | steps {steps}/{total_steps} | elapsed "
+              f"{reporting.duration(elapsed)} | ETA {reporting.duration(eta)}", flush=True)
         last_report = time.perf_counter()
   finally:
     for run, process, log, _ in running.values():  # Interrupted: the runs resume on the next call.
@@ -384,8 +381,8 @@ def workdir_lock(workdir: str):
 
 
 def main(argv: list[str]) -> None:
-  overrides = config_overrides(argv[1:])
-  unexpected = [a for a in argv[1:] if a not in overrides]
+  overrides = config_overrides(sys.argv[1:])  # absl consumed them from argv.
+  unexpected = argv[1:]
   if unexpected:
     raise app.UsageError(f"Unexpected arguments: {unexpected}")
   config_path = config_flags.get_config_filename(FLAGS["config"])
@@ -424,6 +421,7 @@ def main(argv: list[str]) -> None:
     write_markdown(rows, os.path.join(workdir, "results.md"), title)
 
   if _RUN.value:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("Stopped: the runs resume on the next call."))
     with workdir_lock(workdir):
       run_all(todo, config_path, overrides, slots, write_tables)
   write_tables()
@@ -431,7 +429,7 @@ def main(argv: list[str]) -> None:
   with open(os.path.join(workdir, "results.md")) as f:
     print("\n" + f.read(), flush=True)
   print(f"Wrote {', '.join(os.path.join(workdir, n) for n in ('results.md', 'results.csv'))}"
-        + "".join(f", {p}" for p in drawn) + f" in {_duration(time.perf_counter() - started)}.",
+        + "".join(f", {p}" for p in drawn) + f" in {reporting.duration(time.perf_counter() - started)}.",
         flush=True)
   failed = [r for r in runs if r.final_metrics() is None]
   if failed and _RUN.value:

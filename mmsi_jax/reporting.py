@@ -86,7 +86,10 @@ class NullWriter:
     pass
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """"1h05m" or "4m07s"; "?" when not finite."""
+  if not math.isfinite(seconds):
+    return "?"
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -112,7 +115,7 @@ class Progress:
     parts += [f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()]
     parts.append(f"{rate:.1f} steps/s" if rate == rate else "compiling")
     if eta == eta:
-      parts.append(f"ETA {_duration(eta)}")
+      parts.append(f"ETA {duration(eta)}")
     return "  ".join(parts)
 
 

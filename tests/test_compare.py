@@ -1,5 +1,6 @@
 """The comparison command end to end on tiny variants (tests/compare_config.py): its table equals the
-runs' own metrics, a rerun does no work, a killed run resumes to the same result, a failure is reported."""
+runs' own metrics, a rerun does no work, a killed run resumes to the same result, a failure is
+reported and the rest finish."""
 
 import csv
 import json
@@ -36,8 +37,9 @@ def compared(glyphs_dir, tmp_path_factory):
   return workdir, run_compare(workdir, glyphs_dir)
 
 
-def test_table_equals_the_runs_metrics_and_a_failure_is_reported(compared):
+def test_table_equals_the_runs_metrics_and_a_failure_is_reported(compared, glyphs_dir):
   workdir, result = compared
+  data_dir = glyphs_dir
   assert result.returncode == 1  # The broken variant's two runs; the others finished.
   assert "2 of 6 runs did not finish" in result.stderr
   with open(os.path.join(workdir, "results.csv")) as f:
@@ -54,6 +56,10 @@ def test_table_equals_the_runs_metrics_and_a_failure_is_reported(compared):
     assert rows[variant]["finished"] == "2" and rows[variant]["failed"] == "0"
     assert float(rows[variant]["wall_seconds_mean"]) > 0 and float(rows[variant]["step_ms_mean"]) > 0
     assert rows[variant]["plain_variant"] == variant and float(rows[variant]["step_time_vs_plain"]) == 1
+    for seed in SEEDS:  # The overrides reached every run.
+      with open(os.path.join(workdir, variant, f"seed_{seed}", "config.json")) as f:
+        config = json.load(f)
+      assert config["data"]["data_dir"] == data_dir and config["seed"] == seed
   broken = rows["broken"]
   assert broken["finished"] == "0" and broken["failed"] == "2" and broken["recall@1_mean"] == ""
   assert "must be a multiple of train.log_every" in broken["errors"]
