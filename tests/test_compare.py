@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+from absl import app
 import numpy as np
 import pytest
 
@@ -118,3 +119,18 @@ def test_bad_arguments_stop_before_any_run(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stdout + result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_runs_share_the_local_gpus_and_take_the_whole_cpu(monkeypatch):
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  assert compare.device_slots("gpu", 4, 1, 0) == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(4)]
+  assert compare.device_slots("gpu", 5, 2, 0) == [{"CUDA_VISIBLE_DEVICES": "0,1"},
+                                                  {"CUDA_VISIBLE_DEVICES": "2,3"}]
+  assert compare.device_slots("gpu", 4, 2, 1) == [{"CUDA_VISIBLE_DEVICES": "0,1"}]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # Numbering within what this process may use.
+  assert compare.device_slots("gpu", 2, 1, 0) == [{"CUDA_VISIBLE_DEVICES": "3"},
+                                                  {"CUDA_VISIBLE_DEVICES": "5"}]
+  assert compare.device_slots("cpu", 1, 1, 0) == [{}]
+  assert compare.device_slots("cpu", 1, 1, 2) == [{}, {}]
+  with pytest.raises(app.UsageError, match="hold 2 runs"):
+    compare.device_slots("gpu", 4, 2, 3)
