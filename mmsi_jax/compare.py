@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
@@ -159,6 +159,8 @@ def plain_counterpart(config: ml_collections.ConfigDict, configs: dict[str, ml_c
 def local_devices() -> tuple[str, int]:
   """(platform, count) of the local devices, asked of a child process so that this one never holds an
   accelerator (on a GPU, JAX would reserve most of its memory)."""
+  if os.environ.get("JAX_PLATFORMS") == "cpu":  # No accelerator to look for.
+    return "cpu", 1
   probe = "import jax; print(jax.default_backend(), jax.local_device_count())"
   output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
   platform, count = output.stdout.split()[-2:]
@@ -380,23 +382,30 @@ def workdir_lock(workdir: str):
     os.remove(path)
 
 
+def select_variants(config_path: str, requested: list[str]) -> tuple[Any, list[str]]:
+  """The config module at `config_path` and the variants to run: `requested`, or every one the module
+  lists in VARIANTS ("" is left out: a config's default is an alias of one of its named variants)."""
+  if ":" in config_path:
+    raise app.UsageError(f"--config={config_path}: pass the config file alone and choose variants with "
+                         f"--variants.")
+  module = load_config_module(config_path)
+  listed = [v for v in getattr(module, "VARIANTS", ()) if v]
+  variants = requested or listed
+  if not variants:
+    raise app.UsageError(f"{config_path} lists no VARIANTS: name them with --variants.")
+  unknown = [v for v in variants if listed and v not in listed]
+  if unknown:
+    raise app.UsageError(f"{config_path} has no variants {unknown}; it has {listed}.")
+  return module, variants
+
+
 def main(argv: list[str]) -> None:
   overrides = config_overrides(sys.argv[1:])  # absl consumed them from argv.
   unexpected = argv[1:]
   if unexpected:
     raise app.UsageError(f"Unexpected arguments: {unexpected}")
   config_path = config_flags.get_config_filename(FLAGS["config"])
-  if ":" in config_path:
-    raise app.UsageError(f"--config={config_path}: pass the config file alone and choose variants with "
-                         f"--variants.")
-  module = load_config_module(config_path)
-  listed = [v for v in getattr(module, "VARIANTS", ()) if v]  # "" is an alias of a named variant.
-  variants = _VARIANTS.value or listed
-  if not variants:
-    raise app.UsageError(f"{config_path} lists no VARIANTS: name them with --variants.")
-  unknown = [v for v in variants if listed and v not in listed]
-  if unknown:
-    raise app.UsageError(f"{config_path} has no variants {unknown}; it has {listed}.")
+  module, variants = select_variants(config_path, _VARIANTS.value)
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
