@@ -105,6 +105,16 @@ def test_a_rerun_does_no_work_and_a_killed_run_resumes_to_the_same_result(compar
   assert compare.Run("ms", 1, run_dir, None).status()["attempts"] == 2
 
 
+def test_overrides_apply_to_every_variant_as_parsed():
+  overridden = demo.get_config()  # What absl parsed: the default variant with the overrides.
+  overridden.train.num_steps = 5
+  overridden.model.widths = (8, 8)
+  overrides = ["--config.train.num_steps=5", "--config.model.widths=(8,8)"]
+  config = compare.variant_config(demo, "mmsi_ms", overridden, overrides, seed=2)
+  assert config.train.num_steps == 5 and tuple(config.model.widths) == (8, 8) and config.seed == 2
+  assert config.miner.name == "mmsi" and config.miner.mmsi.memory_size == 5  # The variant's own.
+
+
 def test_each_variant_is_timed_against_its_plain_loss():
   configs = {v: demo.get_config(v) for v in demo.VARIANTS if v}
   counterparts = {v: compare.plain_counterpart(c, configs) for v, c in configs.items()}
