@@ -352,10 +352,11 @@ def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list
               f"{reporting.duration(elapsed)} | ETA {reporting.duration(eta)}", flush=True)
         last_report = time.perf_counter()
   finally:
-    for run, process, log, _ in running.values():  # Interrupted: the runs resume on the next call.
+    for run, process, log, start in running.values():  # Interrupted: they resume on the next call.
       process.terminate()
       process.wait()
       log.close()
+      run.record_attempt(time.perf_counter() - start, error="")  # Its wall time counts; no failure.
 
 
 @contextlib.contextmanager
