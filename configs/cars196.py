@@ -6,6 +6,8 @@ sources).
 
 from configs import real_datasets
 
+VARIANTS = real_datasets.VARIANTS  # Every variant, as `python -m mmsi_jax.compare` runs them.
+
 
 def get_config(variant: str = "ms"):
   return real_datasets.get_config("cars196", variant)

@@ -3,7 +3,8 @@
 Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one protocol: the small CNN
 (64-d), 800 steps of 16 classes x 4 images, Adam 2e-3 with 50 warm-up steps and cosine decay.
 
-  (none), ms        multi-similarity (alpha 2, beta 50, lambda 0.5, epsilon 0.1)
+  ms                multi-similarity (alpha 2, beta 50, lambda 0.5, epsilon 0.1); also the config
+                    without a variant (`--config=configs/demo.py`)
   contrastive       contrastive, positives to 1, negatives below 0.5
   triplet           batch-all triplet, margin 0.1
   mmsi_ms, mmsi_contrastive, mmsi_triplet
@@ -33,6 +34,9 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     smart_mining_triplet trains the margin triplet (0.1) on them with the bound fixed
                     at kappa 1; smart_mining trains the paper's ratio triplet plus global loss with
                     the adaptive controller (target e 0.6, kappa from 4)
+
+`python -m mmsi_jax.compare --config=configs/demo.py` trains every named variant over seeds and writes
+the table (docs/RESULTS.md).
 """
 
 from configs import default

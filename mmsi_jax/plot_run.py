@@ -8,13 +8,13 @@ import argparse
 import sys
 
 import numpy as np
-from PIL import Image
 
 from mmsi_jax import reporting
 from mmsi_jax.eval import figures
 
 
-def chart(records: list[dict], keys: list[str], title: str) -> Image.Image:
+def series_of(records: list[dict], keys: list[str]) -> dict[str, tuple]:
+  """{key: (steps, values)} of the records that hold each key."""
   series = {}
   for key in keys:
     points = [(r["step"], r[key]) for r in records if key in r]
@@ -22,7 +22,7 @@ def chart(records: list[dict], keys: list[str], title: str) -> Image.Image:
       raise SystemExit(f"No record of the run holds {key!r}; its keys are "
                        f"{sorted({k for r in records for k in r} - {'step'})}.")
     series[key] = tuple(np.array(column) for column in zip(*points))
-  return figures.line_chart(series, title=title)
+  return series
 
 
 def main(argv: list[str]) -> int:
@@ -33,14 +33,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--title", default="", help="prefix of each chart's title")
   args = parser.parse_args(argv)
   records = reporting.read_metrics(args.workdir)
-  charts = [chart(records, group.split(","), f"{args.title}{group.replace(',', ', ')}")
-            for group in args.groups]
-  page = Image.new("RGB", (max(c.width for c in charts), sum(c.height for c in charts)), "white")
-  top = 0
-  for c in charts:
-    page.paste(c, (0, top))
-    top += c.height
-  page.save(args.out)
+  panels = {f"{args.title}{group.replace(',', ', ')}": series_of(records, group.split(","))
+            for group in args.groups}
+  figures.line_charts(panels).savefig(args.out)
   return 0
 
 

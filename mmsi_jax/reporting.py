@@ -9,37 +9,64 @@ from typing import Optional
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+# Wall-clock time of the training steps between two log lines (evaluation and checkpointing left out):
+# {"step": s, "steps": n, "seconds": t, "compiling": b}, b when the interval includes the step's
+# compilation (the first one of each start). Kept apart from metrics.jsonl, which a resumed run
+# reproduces exactly.
+TIMING_FILE = "timing.jsonl"
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Every record of <workdir>/metrics.jsonl, in order ([] when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+def read_records(path: str) -> list[dict]:
+  """Every record of a .jsonl file, in order ([] when there is none)."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
-class MetricsWriter:
-  """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to TensorBoard events.
+def read_metrics(workdir: str) -> list[dict]:
+  """Every record of <workdir>/metrics.jsonl, in order ([] when there is none)."""
+  return read_records(os.path.join(workdir, METRICS_FILE))
+
+
+def read_timing(workdir: str) -> list[dict]:
+  """Every record of <workdir>/timing.jsonl, in order ([] when there is none)."""
+  return read_records(os.path.join(workdir, TIMING_FILE))
+
+
+class JsonLines:
+  """Appends {"step": s, **values} lines to a .jsonl file.
 
   Resuming at `resume_step` drops the records of later steps (a killed run may have written them after
-  its last checkpoint; the resumed run writes them again, identically) from both outputs.
+  its last checkpoint; the resumed run writes them again).
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
-    self._path = os.path.join(workdir, METRICS_FILE)
-    kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-    tmp_path = self._path + ".tmp"
+  def __init__(self, path: str, resume_step: int = 0):
+    kept = [r for r in read_records(path) if r["step"] <= resume_step]
+    tmp_path = path + ".tmp"
     with open(tmp_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp_path, self._path)
-    self._file = open(self._path, "a")
+    os.replace(tmp_path, path)
+    self._file = open(path, "a")
+
+  def write(self, step: int, values: dict) -> None:
+    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class MetricsWriter:
+  """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to TensorBoard events;
+  resuming at `resume_step` drops the records of later steps from both (JsonLines)."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self._file = JsonLines(os.path.join(workdir, METRICS_FILE), resume_step)
     self._tensorboard = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: dict) -> None:
-    self._file.write(json.dumps({"step": int(step), **metrics}) + "\n")
-    self._file.flush()
+    self._file.write(step, metrics)
     for key, value in metrics.items():
       self._tensorboard.add_scalar(key, value, int(step))
     self._tensorboard.flush()
@@ -59,7 +86,10 @@ class NullWriter:
     pass
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """"1h05m" or "4m07s"; "?" when not finite."""
+  if not math.isfinite(seconds):
+    return "?"
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -85,7 +115,7 @@ class Progress:
     parts += [f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()]
     parts.append(f"{rate:.1f} steps/s" if rate == rate else "compiling")
     if eta == eta:
-      parts.append(f"ETA {_duration(eta)}")
+      parts.append(f"ETA {duration(eta)}")
     return "  ".join(parts)
 
 

@@ -208,6 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say(f"Starting from the model weights of {config.init_from} (not its optimizer state or step).")
   start_step = int(state.step)
   writer = reporting.MetricsWriter(workdir, resume_step=start_step) if primary else reporting.NullWriter()
+  timing = (reporting.JsonLines(os.path.join(workdir, reporting.TIMING_FILE), start_step) if primary
+            else reporting.NullWriter())
   evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None)
   train_step = make_train_step(components, mesh)
   embed_fn = make_embed_fn(model, data.normalization)
@@ -241,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending: list[tuple[int, dict]] = []
   last_checkpoint = restored_step
   started = time.perf_counter()
+  interval_start, interval_time = start_step, started  # The steps since the last log line.
   for step in range(start_step + 1, num_steps + 1):
     if batches is None or step > period_end:  # A new period of the batch policy, refreshed if due.
       if policy.due(step - 1):
@@ -262,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     host = jax.device_get(pending)
     pending = []
+    timing.write(step, {"steps": step - interval_start, "seconds": time.perf_counter() - interval_time,
+                        "compiling": interval_start == start_step})
     bad = _first_non_finite([(s, m["train/loss"]) for s, m in host])
     if bad is not None:
       writer.close()
@@ -281,8 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.checkpoint_every == 0 or step == num_steps:
       checkpointing.save(ckpt, step, state)
       last_checkpoint = step
+    interval_start, interval_time = step, time.perf_counter()
   ckpt.wait_until_finished()
   writer.close()
+  timing.close()
 
   if start_step < num_steps:
     say(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.")

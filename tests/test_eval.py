@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 from scipy import stats
 
@@ -298,7 +299,7 @@ def test_nmi_is_one_on_separated_classes_and_deterministic():
   assert nmi(noisy, labels, seed=3) == nmi(noisy, labels, seed=3) < 0.5
 
 
-def test_figures_mark_right_and_wrong():
+def test_figures_mark_right_and_wrong(tmp_path):
   rng = np.random.default_rng(8)
   correct = np.array([[True, False, True], [False, False, True]])
   grid = figures.retrieval_grid(rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
@@ -309,4 +310,23 @@ def test_figures_mark_right_and_wrong():
   expected = [[figures._CORRECT if c else figures._WRONG for c in row] for row in correct]
   assert frame_colours == expected
   curve = figures.recall_curve((1, 2, 4), (0.2, 0.5, 0.9))
-  assert curve.size == (480, 320) and len(np.unique(np.asarray(curve).reshape(-1, 3), axis=0)) > 2
+  ax, = curve.axes
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), (0.2, 0.5, 0.9))
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+  assert [t.get_text() for t in ax.texts] == ["0.200", "0.500", "0.900"]
+  curve.savefig(tmp_path / "recall.png")
+  assert Image.open(tmp_path / "recall.png").size == (480, 320)
+
+
+def test_comparison_figures_draw_each_run_mean_and_spread():
+  curves = {"a": ([200, 400], [0.5, 0.7], [0.01, 0.02]), "b": ([200, 400], [0.4, 0.6], [0.0, 0.0])}
+  figure = figures.training_curves(curves, metric="recall@1")
+  ax, = figure.axes
+  assert [line.get_label() for line in ax.lines] == ["a", "b"]
+  np.testing.assert_array_equal(ax.lines[0].get_ydata(), [0.5, 0.7])
+  band = ax.collections[0].get_paths()[0].vertices  # The +-sd band of "a".
+  assert band[:, 1].min() == pytest.approx(0.49) and band[:, 1].max() == pytest.approx(0.72)
+  bars = figures.final_bars({"a": (0.7, 0.02), "b": (0.6, float("nan"))}, metric="recall@1")
+  ax, = bars.axes
+  assert [p.get_height() for p in ax.patches] == pytest.approx([0.7, 0.6])
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]

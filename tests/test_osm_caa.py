@@ -99,7 +99,8 @@ def miner_multipliers(miner, x, labels, features, classifier):
   inputs = mining.StepInputs(
       step=jnp.zeros((), jnp.int32), params={CLASSIFIER_PARAMS: jax.tree.map(jnp.asarray, classifier)},
       batch_stats={}, labels=jnp.asarray(labels), features=jnp.asarray(features),
-      embeddings=jnp.asarray(x), pairs=pairs, weights=None, sim_vjp=None, pairs_of=None, extras={},
+      embeddings=jnp.asarray(x), pairs=pairs, weights=None, cotangent_of=None, sim_vjp=None,
+      pairs_of=None, extras={},
       learning_rate=jnp.zeros(()))
   multipliers, _, metrics = jax.jit(miner.multipliers)(None, inputs)
   return np.asarray(multipliers), metrics
@@ -160,7 +161,7 @@ def test_pair_count_scale_and_refusals():
   pairs = losses.build_pairs(jnp.asarray(x), jnp.asarray(labels), ref_embeddings=jnp.asarray(x),
                              ref_labels=jnp.asarray(labels))
   inputs = mining.StepInputs(jnp.zeros(()), {}, {}, jnp.asarray(labels), jnp.asarray(features),
-                             jnp.asarray(x), pairs, None, None, None, {}, jnp.zeros(()))
+                             jnp.asarray(x), pairs, None, None, None, None, {}, jnp.zeros(()))
   with pytest.raises(ValueError, match="references.name='batch'"):
     miner.multipliers(None, inputs)
   with pytest.raises(ValueError, match="scale='mean'"):
@@ -245,7 +246,7 @@ def test_the_train_step_adds_the_classifier_loss_to_the_objective(tmp_path):
     pairs = losses.build_pairs(embeddings, jnp.asarray(labels))
     weights = losses.pair_weights(components.loss_fn, pairs, **components.hparams)
     inputs = mining.StepInputs(state.step, params, state.batch_stats, jnp.asarray(labels), features,
-                               embeddings, pairs, weights, None, None, {}, jnp.zeros(()))
+                               embeddings, pairs, weights, None, None, None, {}, jnp.zeros(()))
     multipliers = miner.multipliers(None, inputs)[0]
     classifier_loss = miner.auxiliary_loss(params, features, jnp.asarray(labels))[0]
     return losses.weighted_pair_loss(pairs.sim, weights, multipliers) + classifier_loss

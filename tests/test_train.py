@@ -67,6 +67,11 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
   # Even 20 tiny steps beat raw pixels, which retrieve poorly on this dataset.
   assert baseline[0]["baseline/recall@1"] < 0.5
   assert final["test/recall@1"] > baseline[0]["baseline/recall@1"]
+  # The step time, apart from the metrics: every log interval, the first one with the compilation.
+  timing = reporting.read_timing(workdir)
+  assert [(r["step"], r["steps"], r["compiling"]) for r in timing] == [
+      (5, 5, True), (10, 5, False), (15, 5, False), (20, 5, False)]
+  assert all(r["seconds"] > 0 for r in timing)
   # TensorBoard reads the events without TensorFlow.
   accumulator = event_accumulator.EventAccumulator(workdir)
   accumulator.Reload()
@@ -162,6 +167,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
 
   train.train_and_evaluate(config, killed)
   assert reporting.read_metrics(killed) == reporting.read_metrics(straight)
+  # The timing of the killed start up to its checkpoint, then the resumed start's, compiling again.
+  assert [(r["step"], r["compiling"]) for r in reporting.read_timing(killed)] == [
+      (5, True), (10, False), (15, True), (20, False)]
   step_a, state_a = latest_params(straight)
   step_b, state_b = latest_params(killed)
   assert step_a == step_b == 20

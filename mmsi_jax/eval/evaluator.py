@@ -75,7 +75,7 @@ class Evaluator:
       os.makedirs(self.figures_dir, exist_ok=True)
       path = os.path.join(self.figures_dir, figures_name)
       figures.recall_curve(ks, [metrics[f"recall@{k}"] for k in ks],
-                           title=f"{prefix}: Recall@K").save(f"{path}_recall.png")
+                           title=f"{prefix}: Recall@K").savefig(f"{path}_recall.png")
       self.retrieval_grid(embeddings, labels).save(f"{path}_grid.png")
     return {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
 

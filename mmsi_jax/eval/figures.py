@@ -1,16 +1,17 @@
-"""Figures of an evaluation, drawn with PIL: a retrieval grid and the Recall@K curve."""
+"""Figures: the retrieval grid of an evaluation (PIL), its Recall@K curve and the comparison of several
+runs (matplotlib figures, saved with `figure.savefig(path)`)."""
 
 from typing import Sequence
 
+import matplotlib
+from matplotlib.figure import Figure
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 _CORRECT = (40, 170, 60)
 _WRONG = (210, 40, 40)
 _QUERY = (60, 90, 200)
 _BACKGROUND = (255, 255, 255)
-_INK = (30, 30, 30)
-_GRID_LINE = (225, 225, 225)
 
 
 def retrieval_grid(query_images: np.ndarray, result_images: np.ndarray, correct: np.ndarray, *,
@@ -41,76 +42,85 @@ def retrieval_grid(query_images: np.ndarray, result_images: np.ndarray, correct:
   return grid
 
 
-def recall_curve(ks: Sequence[int], recalls: Sequence[float], *, title: str = "Recall@K",
-                 size: tuple = (480, 320)) -> Image.Image:
+def recall_curve(ks: Sequence[int], recalls: Sequence[float], *, title: str = "Recall@K") -> Figure:
   """Recall@K [0, 1] against K, the Ks evenly spaced and labelled, each point with its value."""
-  width, height = size
-  left, right, top, bottom = 48, 24, 32, 40
-  image = Image.new("RGB", size, _BACKGROUND)
-  draw = ImageDraw.Draw(image)
-  font = ImageFont.load_default()
-
-  def y_of(recall):
-    return top + (1 - recall) * (height - top - bottom)
-
-  def x_of(i):
-    return left + (i + 0.5) * (width - left - right) / len(ks)
-
-  for tick in np.linspace(0, 1, 6):
-    y = y_of(tick)
-    draw.line([left, y, width - right, y], fill=_GRID_LINE)
-    draw.text((left - 6, y), f"{tick:.1f}", fill=_INK, font=font, anchor="rm")
-  draw.line([left, top, left, height - bottom, width - right, height - bottom], fill=_INK)
-  points = [(x_of(i), y_of(r)) for i, r in enumerate(recalls)]
-  if len(points) > 1:
-    draw.line(points, fill=_QUERY, width=2)
-  for k, recall, (x, y) in zip(ks, recalls, points):
-    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_QUERY)
-    draw.text((x, y - 6), f"{recall:.3f}", fill=_INK, font=font, anchor="mb")
-    draw.text((x, height - bottom + 6), str(k), fill=_INK, font=font, anchor="mt")
-  draw.text((width / 2, 6), title, fill=_INK, font=font, anchor="mt")
-  draw.text((width / 2, height - 6), "K", fill=_INK, font=font, anchor="mb")
-  return image
+  figure = Figure(figsize=(4.8, 3.2), dpi=100)
+  ax = figure.subplots()
+  positions = np.arange(len(ks))
+  ax.plot(positions, recalls, marker="o", color=_colour(_QUERY))
+  for x, recall in zip(positions, recalls):
+    ax.annotate(f"{recall:.3f}", (x, recall), textcoords="offset points", xytext=(0, 5), ha="center",
+                fontsize=8)
+  ax.set_xticks(positions, [str(k) for k in ks])
+  ax.set(xlim=(-0.5, len(ks) - 0.5), ylim=(0, 1.05), xlabel="K", ylabel="Recall@K", title=title)
+  ax.grid(alpha=0.3)
+  figure.tight_layout()
+  return figure
 
 
-_SERIES_COLOURS = (_QUERY, (230, 130, 20), _CORRECT, _WRONG, (130, 60, 170))
+def training_curves(curves: dict[str, tuple], *, metric: str) -> Figure:
+  """One line per name: the mean of `metric` over seeds against the training step, in a +-sd band.
+
+  Args:
+    curves: name -> (steps [T], mean [T], sd [T]).
+  """
+  figure = Figure(figsize=(8, 5), dpi=120)
+  ax = figure.subplots()
+  for colour, (name, (steps, mean, sd)) in zip(_palette(len(curves)), curves.items()):
+    mean, sd = np.asarray(mean), np.asarray(sd)
+    ax.plot(steps, mean, marker="o", markersize=3, color=colour, label=name)
+    ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2)
+  ax.set(xlabel="training step", ylabel=f"test {metric}", title=f"{metric} during training (mean ± sd "
+         "over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2, loc="lower right")
+  figure.tight_layout()
+  return figure
 
 
-def line_chart(series: dict, *, title: str, size: tuple = (640, 260)) -> Image.Image:
-  """Each named series {name: (x [n], y [n])} as a line with dots, in its own colour, against shared
-  axes fitted to all of them; a legend of the names under the title."""
-  width, height = size
-  left, right, top, bottom = 56, 24, 44, 32
-  image = Image.new("RGB", size, _BACKGROUND)
-  draw = ImageDraw.Draw(image)
-  font = ImageFont.load_default()
-  xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
-  ys = np.concatenate([np.asarray(y, float) for _, y in series.values()])
-  x_low, x_high = xs.min(), max(xs.max(), xs.min() + 1)
-  y_low, y_high = min(ys.min(), 0.0), ys.max() if ys.max() > min(ys.min(), 0.0) else 1.0
+def final_bars(finals: dict[str, tuple[float, float]], *, metric: str) -> Figure:
+  """One bar per name: the mean of the final `metric` over seeds, with +-sd error bars (sd NaN: none).
 
-  def point(x, y):
-    return (left + (x - x_low) / (x_high - x_low) * (width - left - right),
-            top + (y_high - y) / (y_high - y_low) * (height - top - bottom))
+  Args:
+    finals: name -> (mean, sd).
+  """
+  names = list(finals)
+  means = np.array([finals[n][0] for n in names])
+  sds = np.nan_to_num(np.array([finals[n][1] for n in names]))
+  figure = Figure(figsize=(max(5.0, 0.6 * len(names) + 2), 4.5), dpi=120)
+  ax = figure.subplots()
+  ax.bar(range(len(names)), means, yerr=sds, capsize=3, color=_palette(len(names)))
+  for i, (mean, sd) in enumerate(zip(means, sds)):
+    ax.annotate(f"{mean:.3f}", (i, mean + sd), textcoords="offset points", xytext=(0, 2), ha="center",
+                fontsize=7)
+  ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+  ax.set_ylim(max(0.0, float(np.min(means - sds)) - 0.1), min(1.0, float(np.max(means + sds))) + 0.05)
+  ax.set(ylabel=f"final test {metric}", title=f"Final {metric} (mean ± sd over seeds)")
+  ax.grid(axis="y", alpha=0.3)
+  figure.tight_layout()
+  return figure
 
-  for tick in np.linspace(y_low, y_high, 5):
-    _, y = point(x_low, tick)
-    draw.line([left, y, width - right, y], fill=_GRID_LINE)
-    draw.text((left - 6, y), f"{tick:.3g}", fill=_INK, font=font, anchor="rm")
-  for tick in np.linspace(x_low, x_high, 5):
-    x, _ = point(tick, y_low)
-    draw.text((x, height - bottom + 6), f"{tick:.0f}", fill=_INK, font=font, anchor="mt")
-  draw.line([left, top, left, height - bottom, width - right, height - bottom], fill=_INK)
-  legend_x = left
-  for (name, (x, y)), colour in zip(series.items(), _SERIES_COLOURS):
-    points = [point(a, b) for a, b in zip(x, y)]
-    if len(points) > 1:
-      draw.line(points, fill=colour, width=2)
-    for px, py in points:
-      draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-    draw.rectangle([legend_x, 24, legend_x + 10, 32], fill=colour)
-    draw.text((legend_x + 14, 28), name, fill=_INK, font=font, anchor="lm")
-    legend_x += 24 + int(draw.textlength(name, font=font))
-  draw.text((width / 2, 6), title, fill=_INK, font=font, anchor="mt")
-  draw.text((width / 2, height - 4), "step", fill=_INK, font=font, anchor="mb")
-  return image
+
+def _colour(rgb: tuple) -> tuple:
+  return tuple(c / 255 for c in rgb)
+
+
+def _palette(n: int) -> list:
+  """n colours, tab20's dark ones first, then its light ones (neighbours then differ)."""
+  order = [*range(0, 20, 2), *range(1, 20, 2)]
+  return [matplotlib.colormaps["tab20"](order[i % 20]) for i in range(n)]
+
+
+def line_charts(panels: dict[str, dict[str, tuple]]) -> Figure:
+  """Panels stacked, one per title: each named series {name: (steps [n], values [n])} as a line with
+  dots, in its own colour, with a legend."""
+  figure = Figure(figsize=(8, 2.6 * len(panels)), dpi=100)
+  for ax, (title, series) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0],
+                                 panels.items()):
+    for colour, (name, (steps, values)) in zip(_palette(len(series)), series.items()):
+      ax.plot(steps, values, marker="o", markersize=3, color=colour, label=name)
+    ax.set(xlabel="step", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  figure.tight_layout()
+  return figure

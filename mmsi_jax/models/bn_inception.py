@@ -110,7 +110,7 @@ class BNInceptionBackbone(nn.Module):
   frozen_bn: bool = False
   pretrained: str = ""
   frozen_bn_affine: bool = True
-  dtype: Any = jnp.float32
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:

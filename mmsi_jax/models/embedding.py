@@ -8,11 +8,12 @@ import jax.numpy as jnp
 
 HEAD = "head"  # Name of the embedding head's parameters in every model.
 MODEL_PARAMS = "model"  # The model's parameter group in the TrainState's params (beside e.g. proxies).
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# None: the parameters' and inputs' own (float32; float64 where tests enable it).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str) -> Any:
-  """The activations' dtype of `model.dtype` (parameters are float32 either way)."""
+  """The activations' dtype of `model.dtype` (parameters are float32 either way); None: no cast."""
   if name not in COMPUTE_DTYPES:
     raise ValueError(f"model.dtype={name!r}: use 'float32', or 'bfloat16' for mixed precision (bf16 "
                      f"activations, float32 parameters, embeddings and losses) on GPUs and TPUs.")
@@ -53,12 +54,14 @@ class EmbeddingNet(nn.Module):
   """
   backbone: nn.Module
   embed_dim: int
-  dtype: Any = jnp.float32
+  dtype: Any = None
 
   def setup(self):
     self.head = nn.Dense(self.embed_dim)
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    if self.dtype is None:
+      return self.backbone(images, train)
     return self.backbone(images.astype(self.dtype), train).astype(jnp.float32)
 
   def embed(self, features: jax.Array) -> jax.Array:

@@ -47,7 +47,7 @@ class ResNetBackbone(nn.Module):
   frozen_bn: bool = False
   frozen_bn_affine: bool = True
   pretrained: str = ""
-  dtype: Any = jnp.float32
+  dtype: Any = None
   last_stride: int = 2
   stem_relu: bool = True
 

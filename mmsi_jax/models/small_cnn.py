@@ -4,7 +4,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, compute_dtype, global_pool
@@ -14,7 +13,7 @@ class ConvBackbone(nn.Module):
   """Stages of two 3x3 Conv-BN-ReLU and a 2x2 max pooling, then global max + average pooling;
   activations in `dtype`."""
   widths: Sequence[int]
-  dtype: Any = jnp.float32
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:

@@ -51,9 +51,10 @@ class TripletReferences(References):
     neg = pairs.neg & anchor & (rows[None, :] == rows[:, None] + 2)
     return pairs._replace(pos=pos, neg=neg)
 
-  def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict):
+  def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict,
+                multipliers=None):
     """(L over the batch's triplets, {ACTIVE: e}), e the share of triplets whose own loss is > 0."""
-    loss, _ = super().objective(state, step, pairs, loss_fn, hparams)
+    loss, _ = super().objective(state, step, pairs, loss_fn, hparams, multipliers)
     sim = jax.lax.stop_gradient(pairs.sim)
     anchors = jnp.arange(0, sim.shape[0], 3)
     per_triplet = triplet_losses(loss_fn, hparams, sim[anchors, anchors + 1], sim[anchors, anchors + 2])
