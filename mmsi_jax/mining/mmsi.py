@@ -151,7 +151,6 @@ class MMSI:
         min_classes=min_classes, meta_references=meta_references, enqueue=enqueue,
         warmup_update=warmup_update, meta_mining=meta_mining,
         multipliers_in_loss=multipliers_in_loss))
-    self.multipliers_in_loss = multipliers_in_loss  # Read by the train step (mining/__init__.py).
     self.model = model
     self.pair_loss = pair_loss
     self.hparams = hparams
@@ -169,6 +168,11 @@ class MMSI:
     self.extra_batches = (ExtraBatch(
         VALIDATION, validation_classes,
         held_out_fraction=held_out_fraction if validation == "held_out" else 0.0),)
+
+  @property
+  def multipliers_in_loss(self) -> bool:
+    """Whether m goes inside the loss (read by the train step, mining/__init__.py)."""
+    return self.config.multipliers_in_loss
 
   def init(self, rng: jax.Array, embed_dim: int, feature_dim: int):
     del feature_dim
