@@ -69,13 +69,15 @@ MemVir's setup (Ko et al., ICCV 2021; navervision/MemVir, main.py and README.md)
 OSM + CAA's setup (Wang et al., AAAI 2019; their Caffe code on GoogLeNet-BN), cub200 and cars196 only:
   osm_caa
     the contrastive loss on distances (margin 1.2) weighted by OSM (sigma 0.8, alpha 1.2) times the
-    class-aware attention (sigma 0.68), each set normalised to 0.5, the loss's 1/P kept; a classifier
-    over the pooled features trained with the focused cross-entropy (Gaussian 0.5, 0.18), loss weight
-    1; 8 classes x 7 images; no augmentation (resize 256, centre crop 224); BatchNorm trained; SGD
-    momentum 0.9, CUB lr 5e-4, weight decay 3e-4, 3,000 iterations, x0.5 at 500, 1,000, 1,500 and
-    2,000; Cars lr 1e-3, weight decay 5e-5, 10,000 iterations, x0.5 every 1,500. The embedding (1024-d)
-    is the linear head over the pooled features, not the authors' inception_4e branch, and there is one
-    classifier, not three (docs/METHODS.md, OSM + CAA).
+    class-aware attention (sigma 0.68), each set normalised to 0.5, the loss's 1/P kept; the authors'
+    network (model.layout "osm_caa"): the 1024-d embedding is a branch on inception_4e (average pool
+    5/3, 1x1 conv 128, FC 1024, each with BatchNorm and ReLU), and three classifiers, on the pooled
+    inception_5b features (the attention's), that branch and a like branch on inception_3c, each trained
+    with the focused cross-entropy (Gaussian 0.5, 0.18), loss weight 1; 8 classes x 7 images; no
+    augmentation (resize 256, centre crop 224); BatchNorm trained; SGD momentum 0.9, CUB lr 5e-4,
+    weight decay 3e-4, 3,000 iterations, x0.5 at 500, 1,000, 1,500 and 2,000; Cars lr 1e-3, weight
+    decay 5e-5, 10,000 iterations, x0.5 every 1,500. --config.model.layout=pooled gives the method on
+    the plain backbone: a linear head and one classifier over the pooled features (docs/METHODS.md).
 Smart Mining's setup (Harwood et al., ICCV 2017; no public code), as the paper ran it on CUB and Cars
 (on SOP, which the paper does not report, the same setup):
   smart_mining
@@ -316,6 +318,7 @@ def osm_caa(dataset: str) -> ml_collections.ConfigDict:
   config.data.train_crop = "center"  # No online augmentation.
   config.data.flip = False
   config.model.embed_dim = 1024
+  config.model.layout = "osm_caa"  # The authors' branches (models/bn_inception.py).
   _set_loss(config, "distance_contrastive", dict(margin=1.2))
   config.miner.name = "osm_caa"
   config.miner.osm_caa.update(

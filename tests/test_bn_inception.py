@@ -3,13 +3,16 @@
 
 import collections
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsi_jax import models
+from configs import default
+from mmsi_jax import mining, models
 from mmsi_jax.models import torch_weights
+from mmsi_jax.models.bn_inception import AuxiliaryBranch, pool_ceil
 from tests import torch_files
 from tests.test_models import updated_statistics
 
@@ -137,3 +140,81 @@ def test_pth_files_are_read_without_torch(tmp_path, legacy):
   assert read.keys() == state.keys()
   for key in state:
     np.testing.assert_array_equal(read[key], state[key])
+
+
+def np_average_pool_ceil(x, window, stride):
+  """Caffe's average pooling without padding, ceil mode: the last window clipped to the map, averaged
+  over the positions it covers."""
+  n, h, w, c = x.shape
+  rows, cols = (-(-max(size - window, 0) // stride) + 1 for size in (h, w))
+  out = np.zeros((n, rows, cols, c))
+  for i in range(rows):
+    for j in range(cols):
+      out[:, i, j] = x[:, i * stride:min(i * stride + window, h),
+                       j * stride:min(j * stride + window, w)].mean(axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("size, expected", [(7, 2), (14, 4), (8, 2), (2, 1), (1, 1)])
+def test_average_pooling_in_ceil_mode_is_caffes(size, expected):
+  x = np.random.default_rng(size).normal(size=(2, size, size, 3))
+  pooled = np.asarray(pool_ceil(jnp.asarray(x), 5, 3, "avg"))
+  assert pooled.shape == (2, expected, expected, 3)
+  np.testing.assert_allclose(pooled, np_average_pool_ceil(x, 5, 3), rtol=1e-6, atol=1e-6)
+
+
+def np_batch_norm_relu(y, leaves):
+  """Training-mode BatchNorm over every axis but the last (biased variance, eps 1e-5), then ReLU."""
+  axes = tuple(range(y.ndim - 1))
+  normalised = (y - y.mean(axis=axes)) / np.sqrt(y.var(axis=axes) + 1e-5)
+  return np.maximum(normalised * leaves["scale"] + leaves["bias"], 0.0)
+
+
+def np_auxiliary_branch(x, params):
+  """The branch of the OSM + CAA authors' layout: average pool 5/3 (ceil), 1x1 conv 128 + BN + ReLU,
+  flatten, FC + BN + ReLU."""
+  y = np_average_pool_ceil(x, 5, 3)
+  y = np_batch_norm_relu(y @ params["conv"]["kernel"][0, 0] + params["conv"]["bias"], params["conv_bn"])
+  y = y.reshape(len(y), -1) @ params["fc"]["kernel"] + params["fc"]["bias"]
+  return np_batch_norm_relu(y, params["fc_bn"])
+
+
+def test_osm_caa_layout_embeds_the_inception_4e_branch():
+  """The authors' layout: the features are [pool5 | 4e branch | 3c branch], the branches read the
+  inception_4e and inception_3c maps (a NumPy forward of each branch on the map it read), and the
+  embedding is the 4e branch, L2-normalised, with no linear head."""
+  model = models.get("bn_inception", embed_dim=8, pooling="avg", layout="osm_caa")
+  assert model.feature_groups == (("pool5", 1024), ("inception_4e", 8), ("inception_3c", 1024))
+  branch_inputs = {}
+
+  def record_branch_inputs(call, args, kwargs, context):
+    if isinstance(context.module, AuxiliaryBranch) and context.method_name == "__call__":
+      branch_inputs[context.module.name] = np.asarray(args[0])
+    return call(*args, **kwargs)
+
+  with jax.enable_x64(True):  # BatchNorm over 3 samples: float64 for a tight comparison.
+    images = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 64, 3), jnp.float64)
+    variables = jax.tree.map(lambda x: x.astype(jnp.float64), random_variables(model, images))
+    with nn.intercept_methods(record_branch_inputs):
+      (features, embeddings), updates = model.apply(
+          variables, images, train=True, mutable=["batch_stats"], method="features_and_embeddings")
+    features, embeddings, params = jax.tree.map(
+        np.asarray, (features, embeddings, variables["params"]["backbone"]))
+  assert models.HEAD not in variables["params"]
+  assert features.shape == (3, 1024 + 8 + 1024) and embeddings.shape == (3, 8)
+  # At 64 px the inception_4e map is 2 x 2 x 1056 and the inception_3c map 4 x 4 x 576.
+  assert branch_inputs["inception_4e_branch"].shape == (3, 2, 2, 1056)
+  assert branch_inputs["inception_3c_branch"].shape == (3, 4, 4, 576)
+  for name, columns in (("inception_4e_branch", slice(1024, 1032)),
+                        ("inception_3c_branch", slice(1032, None))):
+    expected = np_auxiliary_branch(branch_inputs[name].astype(np.float64), params[name])
+    np.testing.assert_allclose(features[:, columns], expected, rtol=1e-9, atol=1e-9)
+  branch = features[:, 1024:1032]
+  np.testing.assert_allclose(embeddings, branch / np.linalg.norm(branch, axis=1, keepdims=True),
+                             rtol=1e-12)
+  assert set(updates["batch_stats"]["backbone"]) >= {"inception_4e_branch", "inception_3c_branch"}
+  with pytest.raises(ValueError, match="no head"):
+    mining.MINERS.build("mmsi", dict(default.get_config().miner.mmsi, scope="head"),
+                        where="miner.mmsi", model=model, pair_loss=None, hparams={}, num_classes=4)
+  with pytest.raises(ValueError, match="model.layout='branches'"):
+    models.get("bn_inception", layout="branches")

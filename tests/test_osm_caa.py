@@ -3,6 +3,7 @@ implementation of the authors' rule, gradients against finite differences, the s
 SGD with a step schedule, label noise, training without augmentation and the configs."""
 
 import io
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import pytest
 from configs import cars196, cub200, default, demo
 from mmsi_jax import losses, mining, step, train
 from mmsi_jax.data import pipeline, transforms
-from mmsi_jax.mining.osm_caa import CLASSIFIER_PARAMS
+from mmsi_jax.mining.osm_caa import ALL_FEATURES, CLASSIFIER_PARAMS
 
 MARGIN, POS_SIGMA, ATTENTION_SIGMA, LAMBDA = 1.2, 0.8, 0.68, 0.5
 
@@ -94,10 +95,13 @@ def problem(case, seed=0, batch=10, dim=5, feature_dim=6, num_classes=5):
   return x, labels, features, classifier
 
 
-def miner_multipliers(miner, x, labels, features, classifier):
+def miner_multipliers(miner, x, labels, features, classifier, wrap=True):
+  """The miner's multipliers and metrics; `classifier` is the one over all features (`wrap`) or the
+  classifiers by group."""
   pairs = losses.build_pairs(jnp.asarray(x), jnp.asarray(labels))
+  classifiers = {ALL_FEATURES: classifier} if wrap else classifier
   inputs = mining.StepInputs(
-      step=jnp.zeros((), jnp.int32), params={CLASSIFIER_PARAMS: jax.tree.map(jnp.asarray, classifier)},
+      step=jnp.zeros((), jnp.int32), params={CLASSIFIER_PARAMS: jax.tree.map(jnp.asarray, classifiers)},
       batch_stats={}, labels=jnp.asarray(labels), features=jnp.asarray(features),
       embeddings=jnp.asarray(x), pairs=pairs, weights=None, cotangent_of=None, sim_vjp=None,
       pairs_of=None, extras={},
@@ -185,7 +189,7 @@ def test_classifier_loss_and_its_gradient_match_numpy():
     _, labels, features, classifier = problem("random")
     features = 0.5 * features  # Probabilities spread over (0, 1): every focus weight matters.
     miner = make_miner(5, classifier_weight=2.0)
-    params = {CLASSIFIER_PARAMS: jax.tree.map(jnp.asarray, classifier)}
+    params = {CLASSIFIER_PARAMS: {ALL_FEATURES: jax.tree.map(jnp.asarray, classifier)}}
     (value, metrics), (grad_params, grad_features) = jax.jit(jax.value_and_grad(
         miner.auxiliary_loss, argnums=(0, 1), has_aux=True))(params, jnp.asarray(features),
                                                              jnp.asarray(labels))
@@ -198,7 +202,8 @@ def test_classifier_loss_and_its_gradient_match_numpy():
       return 2.0 * np_focused_cross_entropy(f @ kernel + bias, labels, focus)[0]
 
     arrays = [classifier["kernel"], classifier["bias"], features]
-    analytic = [grad_params[CLASSIFIER_PARAMS]["kernel"], grad_params[CLASSIFIER_PARAMS]["bias"],
+    analytic = [grad_params[CLASSIFIER_PARAMS][ALL_FEATURES]["kernel"],
+                grad_params[CLASSIFIER_PARAMS][ALL_FEATURES]["bias"],
                 grad_features]
     for which, (array, gradient) in enumerate(zip(arrays, analytic)):
       numeric = np.zeros_like(array)
@@ -210,6 +215,38 @@ def test_classifier_loss_and_its_gradient_match_numpy():
           shifted.append(frozen(*moved))
         numeric[index] = (shifted[0] - shifted[1]) / 2e-6
       np.testing.assert_allclose(gradient, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_a_classifier_per_feature_group(tmp_path):
+  """A model with feature groups (BN-Inception's "osm_caa" layout) gets one classifier per group: the
+  auxiliary loss is the sum of their focused cross-entropies (NumPy), and the attention reads the first
+  group's classifier alone (the multipliers of a one-group miner over the first group's features)."""
+  del tmp_path
+  groups = (("pool5", 4), ("inception_4e", 3), ("inception_3c", 5))
+  with jax.enable_x64(True):
+    x, labels, features, _ = problem("random", feature_dim=12)
+    model = types.SimpleNamespace(feature_groups=groups)
+    miner = mining.MINERS.build("osm_caa", osm_settings(), where="miner.osm_caa", model=model,
+                                pair_loss=None, hparams={}, num_classes=5)
+    params, _ = miner.init(jax.random.PRNGKey(0), 3, 12)
+    classifiers = params[CLASSIFIER_PARAMS]
+    assert {name: c["kernel"].shape for name, c in classifiers.items()} == {
+        "pool5": (4, 5), "inception_4e": (3, 5), "inception_3c": (5, 5)}
+    rng = np.random.default_rng(1)  # Non-zero biases too.
+    classifiers = jax.tree.map(lambda a: np.asarray(a) + 0.3 * rng.normal(size=a.shape), classifiers)
+    value, metrics = miner.auxiliary_loss({CLASSIFIER_PARAMS: jax.tree.map(jnp.asarray, classifiers)},
+                                          jnp.asarray(features), jnp.asarray(labels))
+    starts = np.cumsum([0] + [width for _, width in groups])
+    expected = [np_focused_cross_entropy(features[:, start:stop] @ classifiers[name]["kernel"]
+                                         + classifiers[name]["bias"], labels)[0]
+                for (name, _), start, stop in zip(groups, starts, starts[1:])]
+    np.testing.assert_allclose(value, sum(expected), rtol=1e-12)
+    np.testing.assert_allclose(metrics["osm_caa/classifier_loss/inception_3c"], expected[2], rtol=1e-12)
+    multipliers, _ = miner_multipliers(miner, x, labels, features, classifiers, wrap=False)
+    first_only, _ = miner_multipliers(make_miner(5), x, labels, features[:, :4], classifiers["pool5"])
+    np.testing.assert_allclose(multipliers, first_only, rtol=1e-12)
+    with pytest.raises(ValueError, match="do not add up"):
+      miner.init(jax.random.PRNGKey(0), 3, 13)
 
 
 def tiny_osm_config(tmp_path):
@@ -231,9 +268,7 @@ def test_the_train_step_adds_the_classifier_loss_to_the_objective(tmp_path):
   config = tiny_osm_config(tmp_path)
   components = step.build(config, num_classes=10)
   state = step.create_train_state(jax.random.PRNGKey(0), components, (12, 12, 3))
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (12, 12, 12, 3), dtype=np.uint8)
-  labels = np.repeat(np.arange(4), 3).astype(np.int32)
+  images, labels = tiny_batch(12)
   new_state, metrics = step.make_train_step(components)(state, {"images": images,
                                                                 "labels": labels})
   miner, model = components.miner, components.model
@@ -256,9 +291,39 @@ def test_the_train_step_adds_the_classifier_loss_to_the_objective(tmp_path):
   for (path, new), old in zip(jax.tree_util.tree_flatten_with_path(new_state.params)[0],
                               jax.tree.leaves(expected)):
     np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  assert float(jnp.abs(gradient[CLASSIFIER_PARAMS]["kernel"]).max()) > 0
+  assert float(jnp.abs(gradient[CLASSIFIER_PARAMS][ALL_FEATURES]["kernel"]).max()) > 0
   assert set(gradient) == {"model", CLASSIFIER_PARAMS}
   assert metrics["train/auxiliary_loss"] > 0
+
+
+def tiny_batch(size):
+  """12 images [12, size, size, 3] (uint8) of 4 classes x 3."""
+  images = np.random.default_rng(0).integers(0, 256, (12, size, size, 3), dtype=np.uint8)
+  return images, np.repeat(np.arange(4), 3).astype(np.int32)
+
+
+def test_the_authors_layout_trains_every_classifier_and_branch(tmp_path):
+  """BN-Inception's "osm_caa" layout in the step: a classifier per feature group, each trained; the
+  embedding (the inception_4e branch) learns from the pair loss and its classifier, the inception_3c
+  branch from its classifier alone; no embedding head. (The step's objective is checked term by term
+  above on one feature group; the groups' classifier loss in test_a_classifier_per_feature_group.)"""
+  config = tiny_osm_config(tmp_path)
+  config.model = ml_collections.ConfigDict(dict(name="bn_inception", embed_dim=8, pooling="avg",
+                                                layout="osm_caa"))
+  components = step.build(config, num_classes=10)
+  state = step.create_train_state(jax.random.PRNGKey(0), components, (32, 32, 3))
+  images, labels = tiny_batch(32)
+  new_state, metrics = step.make_train_step(components)(state, {"images": images, "labels": labels})
+  moved = jax.tree.map(lambda new, old: float(jnp.abs(new - old).max()), new_state.params, state.params)
+  assert set(moved[CLASSIFIER_PARAMS]) == {"pool5", "inception_4e", "inception_3c"}
+  assert all(leaf > 0 for leaf in jax.tree.leaves(moved[CLASSIFIER_PARAMS]))
+  backbone = moved["model"]["backbone"]
+  assert "head" not in moved["model"]
+  for branch in ("inception_4e_branch", "inception_3c_branch"):
+    assert backbone[branch]["fc"]["kernel"] > 0 and backbone[branch]["conv"]["kernel"] > 0
+  assert backbone["conv1_7x7_s2"]["kernel"] > 0
+  for name in ("", "/inception_4e", "/inception_3c"):
+    assert np.isfinite(metrics[f"osm_caa/classifier_loss{name}"])
 
 
 def test_sgd_with_a_step_schedule_is_caffes():
@@ -330,6 +395,7 @@ def test_authors_configs():
     assert (config.optim.name, config.optim.learning_rate, config.train.num_steps) == ("sgd", lr, steps)
     assert config.data.classes_per_batch * config.data.samples_per_class == 56
     assert config.miner.osm_caa.scale == "authors" and not config.model.frozen_bn
+    assert config.model.layout == "osm_caa" and config.model.embed_dim == 1024
   for variant in ("distance_contrastive", "osm", "osm_caa"):
     train.check_config(demo.get_config(variant))
 

@@ -191,7 +191,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
     assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 100, 16)
     assert records[-2]["memvir/classes"] == 300
   if method == "osm_caa":  # And the classifier (features -> 100 classes), with its SGD momentum.
-    kernel_shape = state_b["params"]["classifier"]["kernel"].shape
+    kernel_shape = state_b["params"]["classifier"]["features"]["kernel"].shape
     assert kernel_shape[1] == 100
     momenta = [leaf for leaf in jax.tree.leaves(state_b["opt_state"]) if np.shape(leaf) == kernel_shape]
     assert len(momenta) == 1 and np.any(np.asarray(momenta[0]) != 0)

@@ -124,6 +124,10 @@ class MMSI:
       raise ValueError(f"miner.mmsi.mode={mode!r} is not one of {MODES}.")
     if scope not in SCOPES:
       raise ValueError(f"miner.mmsi.scope={scope!r} is not one of {SCOPES}.")
+    if scope == "head" and not getattr(model, "has_head", True):
+      raise ValueError("miner.mmsi.scope='head' steps the embedding head alone, but this model's "
+                       "embedding is a branch of its backbone with no head (model.layout): use "
+                       "scope='all' or a model with a linear head.")
     if validation not in VALIDATIONS:
       raise ValueError(f"miner.mmsi.validation={validation!r} is not one of {VALIDATIONS}.")
     if meta_references not in META_REFERENCES:

@@ -19,14 +19,17 @@ entries of S, each unordered pair twice, so sum_ij m_ij W_ij dS_ij is exactly th
 (scale "authors"). Scale "pair_count" multiplies m by the number of pairs, cancelling the loss's 1/P:
 each set's pair losses are then averaged with the weights w^ / lambda, times 2 lambda.
 
-The classifier (with attention on) is a head of this miner: params["classifier"] = {kernel [F, C], bias
-[C]}, trained by the model optimizer on the auxiliary loss that the train step adds to the objective,
+The classifier (with attention on) is a head of this miner, trained by the model optimizer on the
+auxiliary loss that the train step adds to the objective: one linear softmax classifier per feature
+group of the model (models/embedding.py; one group, "features", for the pooled features of any
+backbone; three on BN-Inception's "osm_caa" layout, after inception_5b's pooling, inception_4e and
+inception_3c, as the authors), params["classifier"][group] = {kernel [F_g, C], bias [C]}, each on
 
     L_cls = classifier_weight * sum_i v_i (-log p_i),   v_i = g_i / sum_k g_k,
     g_i = exp(-(p_i - 0.5)^2 / (2 * 0.18^2)),
 
-a cross-entropy focused on the samples the classifier is unsure of (v held constant); its gradient
-reaches the backbone through the features.
+a cross-entropy focused on the samples the classifier is unsure of (v held constant); their gradients
+reach the backbone through the features. The attention's p_i is the first group's classifier's (pool5).
 """
 
 import jax
@@ -34,7 +37,8 @@ import jax.numpy as jnp
 
 from mmsi_jax.mining.base import StepInputs
 
-CLASSIFIER_PARAMS = "classifier"  # The classifier's parameter group in TrainState.params.
+CLASSIFIER_PARAMS = "classifier"  # The classifiers' parameter group in TrainState.params.
+ALL_FEATURES = "features"  # The classifier's name for a model whose features are one group.
 SCALES = ("authors", "pair_count")
 NORMALISER_EPS = 1e-12  # Added to each set's weight sum, as the authors' code does.
 
@@ -83,8 +87,9 @@ class OSMCAA:
   """The OSM + CAA miner (the miner interface: mmsi_jax/mining/__init__.py), pure and jittable.
 
   Args:
-    model, pair_loss, hparams: unused (the weights depend on the pairs and the classifier only).
-    num_classes: C, the training classes: the classifier's outputs.
+    model: the embedding model; its `feature_groups` name the classifiers' inputs.
+    pair_loss, hparams: unused (the weights depend on the pairs and the classifiers only).
+    num_classes: C, the training classes: each classifier's outputs.
     The keyword-only settings are the `miner.osm_caa` config, documented in configs/default.py.
   """
   extra_batches = ()
@@ -92,7 +97,7 @@ class OSMCAA:
   def __init__(self, model, pair_loss, hparams, num_classes: int, *, pos_sigma: float, margin: float,
                set_weight: float, attention: bool, attention_sigma: float, classifier_weight: float,
                classifier_focus_mean: float, classifier_focus_sigma: float, scale: str):
-    del model, pair_loss, hparams
+    del pair_loss, hparams
     for name, value in (("pos_sigma", pos_sigma), ("margin", margin), ("set_weight", set_weight),
                         ("attention_sigma", attention_sigma),
                         ("classifier_focus_sigma", classifier_focus_sigma)):
@@ -104,6 +109,7 @@ class OSMCAA:
     if scale not in SCALES:
       raise ValueError(f"miner.osm_caa.scale={scale!r} is not one of {SCALES}.")
     self.num_classes = num_classes
+    self.model_groups = tuple(getattr(model, "feature_groups", ()))
     self.pos_sigma, self.margin, self.set_weight = pos_sigma, margin, set_weight
     self.attention, self.attention_sigma = attention, attention_sigma
     self.classifier_weight = classifier_weight
@@ -113,30 +119,57 @@ class OSMCAA:
     # attention.
     self.auxiliary_loss = self.classifier_loss if attention else None
 
+  def feature_groups(self, feature_dim: int) -> tuple[tuple[str, int], ...]:
+    """The classifiers' (name, input width), in the features' order."""
+    groups = self.model_groups or ((ALL_FEATURES, feature_dim),)
+    if sum(width for _, width in groups) != feature_dim:
+      raise ValueError(f"The model's feature groups {groups} do not add up to its {feature_dim} "
+                       f"features.")
+    return groups
+
   def init(self, rng: jax.Array, embed_dim: int, feature_dim: int):
-    """The classifier {kernel [F, C] (LeCun normal), bias [C] (0)} with attention on; no state."""
+    """The classifiers {group: {kernel [F_g, C] (LeCun normal), bias [C] (0)}} with attention on; no
+    state."""
     del embed_dim
     if not self.attention:
       return {}, None
-    kernel = jax.nn.initializers.lecun_normal()(rng, (feature_dim, self.num_classes))
-    return {CLASSIFIER_PARAMS: {"kernel": kernel, "bias": jnp.zeros((self.num_classes,))}}, None
+    groups = self.feature_groups(feature_dim)
+    classifiers = {}
+    for (name, width), key in zip(groups, jax.random.split(rng, len(groups))):
+      classifiers[name] = {"kernel": jax.nn.initializers.lecun_normal()(key, (width, self.num_classes)),
+                           "bias": jnp.zeros((self.num_classes,))}
+    return {CLASSIFIER_PARAMS: classifiers}, None
 
-  def logits(self, params, features: jax.Array) -> jax.Array:
-    """The classifier's logits [B, C] of features [B, F]."""
-    classifier = params[CLASSIFIER_PARAMS]
-    return features @ classifier["kernel"].astype(features.dtype) + classifier["bias"]
+  def logits(self, params, features: jax.Array, first_only: bool = False) -> dict:
+    """{group: the logits [B, C] of its classifier over its slice of features [B, F]}, in the groups'
+    order (the first group's alone with `first_only`)."""
+    logits, start = {}, 0
+    for name, width in self.feature_groups(features.shape[-1]):
+      classifier = params[CLASSIFIER_PARAMS][name]
+      logits[name] = (features[:, start:start + width] @ classifier["kernel"].astype(features.dtype)
+                      + classifier["bias"])
+      start += width
+      if first_only:
+        break
+    return logits
 
   def classifier_loss(self, params, features: jax.Array, labels: jax.Array):
-    """(classifier_weight * L_cls, metrics): the auxiliary loss (module docstring)."""
-    logits = self.logits(params, features)
-    loss = focused_cross_entropy(logits, labels, mean=self.focus_mean, sigma=self.focus_sigma)
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-    return self.classifier_weight * loss, {"osm_caa/classifier_loss": loss,
-                                           "osm_caa/classifier_accuracy": accuracy}
+    """(classifier_weight * the sum of the classifiers' L_cls, metrics): the auxiliary loss (module
+    docstring)."""
+    total, metrics = 0.0, {}
+    for index, (name, logits) in enumerate(self.logits(params, features).items()):
+      loss = focused_cross_entropy(logits, labels, mean=self.focus_mean, sigma=self.focus_sigma)
+      total = total + loss
+      suffix = "" if index == 0 else f"/{name}"  # The first (attention's) classifier: no suffix.
+      metrics[f"osm_caa/classifier_loss{suffix}"] = loss
+      metrics[f"osm_caa/classifier_accuracy{suffix}"] = jnp.mean(
+          (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+    return self.classifier_weight * total, metrics
 
   def attention_weights(self, params, features: jax.Array, labels: jax.Array) -> jax.Array:
-    """a_i = Gaussian(p_i; 1, attention_sigma) [B], held constant."""
-    p = own_class_probability(self.logits(params, jax.lax.stop_gradient(features)), labels)
+    """a_i = Gaussian(p_i; 1, attention_sigma) [B] from the first classifier's p_i, held constant."""
+    (logits,) = self.logits(params, jax.lax.stop_gradient(features), first_only=True).values()
+    p = own_class_probability(logits, labels)
     return jax.lax.stop_gradient(gaussian(p, 1.0, self.attention_sigma))
 
   def multipliers(self, state, inputs: StepInputs):

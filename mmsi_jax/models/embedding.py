@@ -1,4 +1,5 @@
-"""The shape every model of the registry has: a backbone, then a linear embedding head, L2-normalised."""
+"""The shape every model of the registry has: a backbone, then a linear embedding head, L2-normalised
+(or, for a layout whose embedding is a branch of the backbone, that branch's features, L2-normalised)."""
 
 from typing import Any
 
@@ -51,13 +52,37 @@ class EmbeddingNet(nn.Module):
     backbone: a module `(images [N, H, W, 3], train) -> features [N, F]` computing in `dtype`.
     embed_dim: D.
     dtype: the backbone's activations (compute_dtype).
+    feature_groups: ((name, width), ...): the features as consecutive named groups, for a backbone
+      whose features come from several layers (BN-Inception's "osm_caa" layout; a miner's classifier
+      per group, mining/osm_caa.py); () for one group.
+    embedding_group: the name of the group that is the embedding itself, L2-normalised, with no linear
+      head (no "head" parameters); "" for the linear head over all features.
   """
   backbone: nn.Module
   embed_dim: int
   dtype: Any = None
+  feature_groups: tuple[tuple[str, int], ...] = ()
+  embedding_group: str = ""
 
   def setup(self):
-    self.head = nn.Dense(self.embed_dim)
+    if not self.embedding_group:
+      self.head = nn.Dense(self.embed_dim)
+      return
+    names = [name for name, _ in self.feature_groups]
+    if self.embedding_group not in names:
+      raise ValueError(f"embedding_group={self.embedding_group!r} is not one of the feature groups {names}.")
+    index = names.index(self.embedding_group)
+    start = sum(width for _, width in self.feature_groups[:index])
+    width = self.feature_groups[index][1]
+    if width != self.embed_dim:
+      raise ValueError(f"The embedding group {self.embedding_group!r} is {width} wide, not embed_dim "
+                       f"{self.embed_dim}.")
+    self.embedding_slice = (start, start + width)
+
+  @property
+  def has_head(self) -> bool:
+    """Whether the embedding is a linear head's (parameters under "head") over the features."""
+    return not self.embedding_group
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
     if self.dtype is None:
@@ -65,7 +90,10 @@ class EmbeddingNet(nn.Module):
     return self.backbone(images.astype(self.dtype), train).astype(jnp.float32)
 
   def embed(self, features: jax.Array) -> jax.Array:
-    return l2_normalize(self.head(features))
+    if self.has_head:
+      return l2_normalize(self.head(features))
+    start, stop = self.embedding_slice
+    return l2_normalize(features[:, start:stop])
 
   def features_and_embeddings(self, images: jax.Array, train: bool = False):
     features = self.features(images, train)
