@@ -27,6 +27,11 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     soft pair weights, and with OSM + CAA (the classifier over the pooled features):
                     the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
                     training labels shuffled: --config.data.label_noise=0.1
+  bn_inception_distance_contrastive, bn_inception_osm_caa, bn_inception_osm_caa_authors_layout
+                    the OSM rows on a randomly initialised BN-Inception (64-d, 32 px): plain, OSM + CAA
+                    over the pooled features, and OSM + CAA in the authors' layout (the embedding a
+                    branch on inception_4e, three classifiers); not in the default comparison (about
+                    3 minutes a run more than the small CNN's): name them with --variants
   triplet_semihard  semi-hard triplet, margin 0.1, on PK batches
   smart_mining_triplet, smart_mining
                     Smart Mining batches (Harwood et al., ICCV 2017): 21 triplets (63 images) per
@@ -38,6 +43,8 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
 `python -m mmsi_jax.compare --config=configs/demo.py` trains every named variant over seeds and writes
 the table (docs/RESULTS.md).
 """
+
+import ml_collections
 
 from configs import default
 
@@ -76,11 +83,27 @@ def memvir(loss_name: str):
   return config
 OSM_VARIANTS = {"distance_contrastive": None, "osm": False, "osm_caa": True}  # CAA's attention.
 VARIANTS += tuple(OSM_VARIANTS)
+# Named but left out of the comparison's default table (`compare --variants=...` runs them): OSM + CAA
+# and its baseline on BN-Inception (randomly initialised, 64-d, average pooling, 32 px), its features
+# pooled or in the authors' layout. Variant: (the demo variant, model.layout).
+BN_INCEPTION_VARIANTS = {
+    "bn_inception_distance_contrastive": ("distance_contrastive", "pooled"),
+    "bn_inception_osm_caa": ("osm_caa", "pooled"),
+    "bn_inception_osm_caa_authors_layout": ("osm_caa", "osm_caa"),
+}
+EXTRA_VARIANTS = tuple(BN_INCEPTION_VARIANTS)
 
 
 def get_config(variant: str = ""):
+  if variant in BN_INCEPTION_VARIANTS:
+    base, layout = BN_INCEPTION_VARIANTS[variant]
+    config = get_config(base)
+    config.model = ml_collections.ConfigDict(dict(name="bn_inception", embed_dim=64, pooling="avg",
+                                                  layout=layout, dtype="float32"))
+    return config
   if variant not in VARIANTS:
-    raise ValueError(f"configs/demo.py has variants {VARIANTS[1:]} (or none), got {variant!r}.")
+    raise ValueError(f"configs/demo.py has variants {VARIANTS[1:] + EXTRA_VARIANTS} (or none), got "
+                     f"{variant!r}.")
   if variant.startswith("memvir_"):
     return memvir(variant.removeprefix("memvir_"))
   config = default.get_config()

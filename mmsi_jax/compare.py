@@ -384,8 +384,9 @@ def workdir_lock(workdir: str):
 
 
 def select_variants(config_path: str, requested: list[str]) -> tuple[Any, list[str]]:
-  """The config module at `config_path` and the variants to run: `requested`, or every one the module
-  lists in VARIANTS ("" is left out: a config's default is an alias of one of its named variants)."""
+  """The config module at `config_path` and the variants to run: `requested` (of its VARIANTS and
+  EXTRA_VARIANTS), or every one the module lists in VARIANTS ("" is left out: a config's default is an
+  alias of one of its named variants)."""
   if ":" in config_path:
     raise app.UsageError(f"--config={config_path}: pass the config file alone and choose variants with "
                          f"--variants.")
@@ -394,9 +395,10 @@ def select_variants(config_path: str, requested: list[str]) -> tuple[Any, list[s
   variants = requested or listed
   if not variants:
     raise app.UsageError(f"{config_path} lists no VARIANTS: name them with --variants.")
-  unknown = [v for v in variants if listed and v not in listed]
+  known = listed + list(getattr(module, "EXTRA_VARIANTS", ()))
+  unknown = [v for v in variants if listed and v not in known]
   if unknown:
-    raise app.UsageError(f"{config_path} has no variants {unknown}; it has {listed}.")
+    raise app.UsageError(f"{config_path} has no variants {unknown}; it has {known}.")
   return module, variants
 
 

@@ -133,6 +133,9 @@ def test_bad_arguments_stop_before_any_run():
     compare.select_variants("tests/compare_config.py", ["ms", "nope"])
   _, variants = compare.select_variants("configs/demo.py", [])
   assert "" not in variants and variants[:3] == ["ms", "contrastive", "triplet"]
+  assert "bn_inception_osm_caa" not in variants  # An extra variant runs when named.
+  assert compare.select_variants("configs/demo.py", ["bn_inception_osm_caa"])[1] == [
+      "bn_inception_osm_caa"]
   with pytest.raises(app.UsageError, match="--seeds=0,1,2"):
     compare.config_overrides(["--config.seed=3"])
   with pytest.raises(app.UsageError, match="as --config.train.num_steps=VALUE"):
