@@ -68,6 +68,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.name = "small_cnn"  # Model registered in mmsi_jax.models.
   config.model.embed_dim = 64  # D, the embedding dimension.
   config.model.widths = (32, 64, 128)  # small_cnn: channels of its conv stages.
+  # Other models take their factory's arguments (mmsi_jax/models), e.g. bn_inception: pooling,
+  # pretrained, frozen_bn, frozen_bn_affine, and layout ("pooled", or "osm_caa": the OSM + CAA authors'
+  # branches, the embedding on inception_4e; docs/METHODS.md).
   # Activations' dtype: "float32", or "bfloat16" for mixed precision on GPUs and TPUs (parameters,
   # embeddings, similarities and losses stay float32; docs/METHODS.md, "Backbones").
   config.model.dtype = "float32"
