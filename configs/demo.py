@@ -27,11 +27,13 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
                     soft pair weights, and with OSM + CAA (the classifier over the pooled features):
                     the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
                     training labels shuffled: --config.data.label_noise=0.1
-  bn_inception_distance_contrastive, bn_inception_osm_caa, bn_inception_osm_caa_authors_layout
+  bn_inception_distance_contrastive, bn_inception_osm_caa, bn_inception_osm_caa_authors_layout,
+  bn_inception_distance_contrastive_authors_layout
                     the OSM rows on a randomly initialised BN-Inception (64-d, 32 px): plain, OSM + CAA
-                    over the pooled features, and OSM + CAA in the authors' layout (the embedding a
-                    branch on inception_4e, three classifiers); not in the default comparison (about
-                    3 minutes a run more than the small CNN's): name them with --variants
+                    over the pooled features, OSM + CAA in the authors' layout (the embedding a branch
+                    on inception_4e, three classifiers), and the plain loss on that branch; not in the
+                    default comparison (about 3 minutes a run more than the small CNN's): name them
+                    with --variants
   triplet_semihard  semi-hard triplet, margin 0.1, on PK batches
   smart_mining_triplet, smart_mining
                     Smart Mining batches (Harwood et al., ICCV 2017): 21 triplets (63 images) per
@@ -90,6 +92,7 @@ BN_INCEPTION_VARIANTS = {
     "bn_inception_distance_contrastive": ("distance_contrastive", "pooled"),
     "bn_inception_osm_caa": ("osm_caa", "pooled"),
     "bn_inception_osm_caa_authors_layout": ("osm_caa", "osm_caa"),
+    "bn_inception_distance_contrastive_authors_layout": ("distance_contrastive", "osm_caa"),
 }
 EXTRA_VARIANTS = tuple(BN_INCEPTION_VARIANTS)
 
