@@ -436,6 +436,26 @@ def test_triplet_with_many_positives_and_ties(mining, margin):
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("mining", ["all", "semihard"])
+def test_triplet_with_positives_known_at_compile_time(mining):
+  """Masks that are constants of the jitted function, one positive per anchor (as a per-triplet loss,
+  vmapped over triplets): the loss equals NumPy's [S_an - S_ap + margin]_+, where XLA's trip-count
+  error once made the chunk loop run no iteration and the loss 0."""
+  rng = np.random.default_rng(0)
+  s_ap, s_an = rng.uniform(-1, 1, 8), rng.uniform(-1, 1, 8)
+  loss_fn = losses.get_pair_loss("triplet")
+
+  def one(ap, an):
+    sim = jnp.stack([jnp.ones_like(ap), ap, an])[None]
+    return loss_fn(sim, jnp.array([[False, True, False]]), jnp.array([[False, False, True]]),
+                   margin=0.1, mining=mining)
+  expected = np.maximum(s_an - s_ap + 0.1, 0.0)
+  if mining == "semihard":  # The negative counts only when less similar than the positive.
+    expected = np.where(s_an < s_ap, expected, 0.0)
+  np.testing.assert_allclose(jax.jit(jax.vmap(one))(s_ap, s_an), expected, rtol=1e-6, atol=1e-7)
+  assert np.any(expected > 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def test_batch_all_triplets_fit_in_memory_at_scale():

@@ -39,15 +39,20 @@ def _fold_positive_chunks(sim, pos, chunk_fn: Callable, init):
   first_at = jax.vmap(lambda row, k: jnp.searchsorted(row, k, side="left"))
 
   def body(state):
-    start, carry = state
-    slots = start + jnp.arange(_POSITIVE_CHUNK, dtype=jnp.int32)
+    chunk, carry = state
+    slots = chunk * _POSITIVE_CHUNK + jnp.arange(_POSITIVE_CHUNK, dtype=jnp.int32)
     valid = jnp.broadcast_to(slots < num_pos[:, None], (sim.shape[0], _POSITIVE_CHUNK))
     columns = jnp.where(valid, first_at(pos_rank, jnp.broadcast_to(slots + 1, valid.shape)), 0)
     s_pos = jnp.where(valid, jnp.take_along_axis(sim, columns, axis=1), jnp.inf)
     s_pos, columns, valid = jax.lax.sort((s_pos, columns, valid), dimension=1, num_keys=1)
-    return start + _POSITIVE_CHUNK, chunk_fn(carry, columns, valid, s_pos)
+    return chunk + 1, chunk_fn(carry, columns, valid, s_pos)
 
-  return jax.lax.while_loop(lambda state: state[0] < jnp.max(num_pos), body,
+  # Counted in chunks, one at a time: XLA's trip-count analysis (jaxlib 0.10) takes a loop
+  # `i = 0; while i < bound: i += step` with a compile-time bound that step does not divide to run
+  # floor(bound / step) times, so with positives known at compile time (one per anchor: bound 1, step
+  # 32) a jitted loss ran no chunk and returned 0 (openxla/xla#48454).
+  num_chunks = (jnp.max(num_pos) + _POSITIVE_CHUNK - 1) // _POSITIVE_CHUNK
+  return jax.lax.while_loop(lambda state: state[0] < num_chunks, body,
                             (jnp.zeros((), jnp.int32), init))[1]
 
 

@@ -20,14 +20,12 @@ ACTIVE = "triplets/active"  # The metric: share of the batch's triplets with a n
 
 def triplet_losses(loss_fn, hparams: dict, sim_ap: jax.Array, sim_an: jax.Array) -> jax.Array:
   """Each triplet's loss on its own [T]: loss_fn on the 1 x 3 problem (S_aa = 1, S_ap, S_an) of the
-  anchor against itself, its positive and its negative. One triplet after another (lax.map): under
-  jit, vmap of the chunked triplet loss (losses/triplet.py) returns zeros."""
-  def one(sims):
-    s_ap, s_an = sims
+  anchor against itself, its positive and its negative, vectorised over the triplets."""
+  def one(s_ap, s_an):
     sim = jnp.stack([jnp.ones_like(s_ap), s_ap, s_an])[None]
     return loss_fn(sim, jnp.array([[False, True, False]]), jnp.array([[False, False, True]]),
                    **hparams)
-  return jax.lax.map(one, (sim_ap, sim_an))
+  return jax.vmap(one)(sim_ap, sim_an)
 
 
 class TripletReferences(References):
