@@ -265,10 +265,11 @@ def multiplied_cotangent(objective: jax.tree_util.Partial, sim: jax.Array, weigh
                                objective, sim, weights)
 
 
-def make_train_step(components: Components, mesh=None) -> Callable:
+def make_train_step(components: Components, mesh=None, donate: bool = False) -> Callable:
   """The jitted step `(state, batch) -> (state, metrics)` for one batch of uint8 images, normalised on
   the device (transforms.normalize). With a mesh, the new state and the metrics come out replicated
-  over it (see parallel.py)."""
+  over it (see parallel.py). With `donate`, the step reuses the input state's buffers for the new one
+  (no copy of memories and queues each step; the caller must not read the old state afterwards)."""
   refs, miner = components.references, components.miner
 
   def normalize(images):
@@ -326,4 +327,5 @@ def make_train_step(components: Components, mesh=None) -> Callable:
                                opt_state=opt_state, rng=rng, references=references_state,
                                miner=miner_state), metrics
 
-  return jax.jit(train_step, out_shardings=None if mesh is None else parallel.replicated(mesh))
+  return jax.jit(train_step, out_shardings=None if mesh is None else parallel.replicated(mesh),
+                 donate_argnums=(0,) if donate else ())

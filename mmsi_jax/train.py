@@ -211,7 +211,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timing = (reporting.JsonLines(os.path.join(workdir, reporting.TIMING_FILE), start_step) if primary
             else reporting.NullWriter())
   evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None)
-  train_step = make_train_step(components, mesh)
+  # The state is donated: each step writes the new state into the old one's buffers. A checkpoint
+  # copies the state to the host before `save` returns (orbax's default transfer), so a later step
+  # cannot change what it writes.
+  train_step = make_train_step(components, mesh, donate=True)
   embed_fn = make_embed_fn(model, data.normalization)
 
   def embed(images):  # The current parameters: `state` is rebound every step.

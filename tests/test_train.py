@@ -144,8 +144,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   killed = str(tmp_path / "killed")
   real_make_train_step = train.make_train_step
 
-  def make_dying_train_step(*args):
-    step_fn = real_make_train_step(*args)
+  def make_dying_train_step(*args, **kwargs):
+    step_fn = real_make_train_step(*args, **kwargs)
     calls = []
 
     def dying(state, batch):
