@@ -185,21 +185,27 @@ def test_osm_caa_layout_embeds_the_inception_4e_branch():
   embedding is the 4e branch, L2-normalised, with no linear head."""
   model = models.get("bn_inception", embed_dim=8, pooling="avg", layout="osm_caa")
   assert model.feature_groups == (("pool5", 1024), ("inception_4e", 8), ("inception_3c", 1024))
-  branch_inputs = {}
 
-  def record_branch_inputs(call, args, kwargs, context):
-    if isinstance(context.module, AuxiliaryBranch) and context.method_name == "__call__":
-      branch_inputs[context.module.name] = np.asarray(args[0])
-    return call(*args, **kwargs)
+  def forward(variables, images):
+    """Jitted: the outputs, and the maps the branches read (intercepted as they are called)."""
+    branch_inputs = {}
+
+    def record_branch_inputs(call, args, kwargs, context):
+      if isinstance(context.module, AuxiliaryBranch) and context.method_name == "__call__":
+        branch_inputs[context.module.name] = args[0]
+      return call(*args, **kwargs)
+
+    with nn.intercept_methods(record_branch_inputs):
+      outputs = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                            method="features_and_embeddings")
+    return outputs, branch_inputs
 
   with jax.enable_x64(True):  # BatchNorm over 3 samples: float64 for a tight comparison.
     images = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 64, 3), jnp.float64)
     variables = jax.tree.map(lambda x: x.astype(jnp.float64), random_variables(model, images))
-    with nn.intercept_methods(record_branch_inputs):
-      (features, embeddings), updates = model.apply(
-          variables, images, train=True, mutable=["batch_stats"], method="features_and_embeddings")
-    features, embeddings, params = jax.tree.map(
-        np.asarray, (features, embeddings, variables["params"]["backbone"]))
+    ((features, embeddings), updates), branch_inputs = jax.jit(forward)(variables, images)
+    features, embeddings, params, branch_inputs = jax.tree.map(
+        np.asarray, (features, embeddings, variables["params"]["backbone"], branch_inputs))
   assert models.HEAD not in variables["params"]
   assert features.shape == (3, 1024 + 8 + 1024) and embeddings.shape == (3, 8)
   # At 64 px the inception_4e map is 2 x 2 x 1056 and the inception_3c map 4 x 4 x 576.
