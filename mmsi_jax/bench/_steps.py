@@ -34,10 +34,12 @@ def random_batch(components: step.Components, image_size: int, classes: int, sam
 def compare_steps(configs: dict[str, ml_collections.ConfigDict], *, image_size: int, classes: int,
                   samples: int, repeats: int, prefix: str,
                   prepare: Optional[Callable[[step.TrainState], step.TrainState]] = None) -> dict:
-  """Per config: the compiled step's memory (arguments + outputs + temporaries, XLA's analysis), its
-  median time, and the time over the first config's, timed in turn round after round so that the
-  machine's load affects all alike. `prepare` may change each initial state (e.g. fill a memory).
-  Figures are keyed "<prefix>/<name>/<figure>"."""
+  """Per config: the compiled step's memory (arguments + outputs + temporaries, XLA's analysis), the
+  same with the state donated as the training loop does (outputs that reuse an argument's buffer
+  counted once), its median time (undonated: the same state is stepped again and again), and the time
+  over the first config's, timed in turn round after round so that the machine's load affects all
+  alike. `prepare` may change each initial state (e.g. fill a memory). Figures are keyed
+  "<prefix>/<name>/<figure>"."""
   figures, calls = {}, {}
   for name, config in configs.items():
     components = step.build(config, num_classes=classes)
@@ -46,11 +48,15 @@ def compare_steps(configs: dict[str, ml_collections.ConfigDict], *, image_size: 
     if prepare is not None:
       state = prepare(state)
     compiled = step.make_train_step(components).lower(state, batch).compile()
-    memory = compiled.memory_analysis()
-    if memory is not None:
-      figures[f"{prefix}/{name}/memory_mb"] = (
-          memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes) / 2**20
+    for figure, analysed in (
+        ("memory_mb", compiled),
+        ("memory_donated_mb", step.make_train_step(components, donate=True).lower(state, batch)
+         .compile())):
+      memory = analysed.memory_analysis()
+      if memory is not None:
+        figures[f"{prefix}/{name}/{figure}"] = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
     calls[name] = functools.partial(compiled, state, batch)
   times = timing.time_interleaved(calls, repeats=repeats)
   baseline = times[next(iter(configs))]
