@@ -183,8 +183,9 @@ def create_train_state(rng: jax.Array, components: Components, image_shape: tupl
   images = jnp.zeros((1, *image_shape), jnp.float32)
   # Jitted: one compilation instead of one per initializer's shape (same values as eager).
   variables = jax.jit(model.init, static_argnames="train")(init_rng, images, train=False)
-  embed_dim = jax.eval_shape(lambda: model.apply(variables, images)).shape[-1]
-  feature_dim = jax.eval_shape(lambda: model.apply(variables, images, method="features")).shape[-1]
+  features, embeddings = jax.eval_shape(
+      lambda: model.apply(variables, images, method="features_and_embeddings"))
+  feature_dim, embed_dim = features.shape[-1], embeddings.shape[-1]
   params = {MODEL_PARAMS: variables["params"]}
   references_params, references_state = components.references.init(references_rng, embed_dim)
   params.update(references_params)

@@ -217,11 +217,10 @@ def test_classifier_loss_and_its_gradient_match_numpy():
       np.testing.assert_allclose(gradient, numeric, rtol=1e-6, atol=1e-9)
 
 
-def test_a_classifier_per_feature_group(tmp_path):
+def test_a_classifier_per_feature_group():
   """A model with feature groups (BN-Inception's "osm_caa" layout) gets one classifier per group: the
   auxiliary loss is the sum of their focused cross-entropies (NumPy), and the attention reads the first
   group's classifier alone (the multipliers of a one-group miner over the first group's features)."""
-  del tmp_path
   groups = (("pool5", 4), ("inception_4e", 3), ("inception_3c", 5))
   with jax.enable_x64(True):
     x, labels, features, _ = problem("random", feature_dim=12)

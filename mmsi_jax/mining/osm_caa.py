@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.models.embedding import group_slices
 
 CLASSIFIER_PARAMS = "classifier"  # The classifiers' parameter group in TrainState.params.
 ALL_FEATURES = "features"  # The classifier's name for a model whose features are one group.
@@ -140,18 +141,13 @@ class OSMCAA:
                            "bias": jnp.zeros((self.num_classes,))}
     return {CLASSIFIER_PARAMS: classifiers}, None
 
-  def logits(self, params, features: jax.Array, first_only: bool = False) -> dict:
-    """{group: the logits [B, C] of its classifier over its slice of features [B, F]}, in the groups'
-    order (the first group's alone with `first_only`)."""
-    logits, start = {}, 0
-    for name, width in self.feature_groups(features.shape[-1]):
-      classifier = params[CLASSIFIER_PARAMS][name]
-      logits[name] = (features[:, start:start + width] @ classifier["kernel"].astype(features.dtype)
-                      + classifier["bias"])
-      start += width
-      if first_only:
-        break
-    return logits
+  def logits(self, params, features: jax.Array) -> dict:
+    """{group: the logits [B, C] of its classifier over its columns of features [B, F]}, in the groups'
+    order (the first is the attention's)."""
+    columns = group_slices(self.feature_groups(features.shape[-1]))
+    return {name: features[:, group] @ params[CLASSIFIER_PARAMS][name]["kernel"].astype(features.dtype)
+                  + params[CLASSIFIER_PARAMS][name]["bias"]
+            for name, group in columns.items()}
 
   def classifier_loss(self, params, features: jax.Array, labels: jax.Array):
     """(classifier_weight * the sum of the classifiers' L_cls, metrics): the auxiliary loss (module
@@ -167,8 +163,9 @@ class OSMCAA:
     return self.classifier_weight * total, metrics
 
   def attention_weights(self, params, features: jax.Array, labels: jax.Array) -> jax.Array:
-    """a_i = Gaussian(p_i; 1, attention_sigma) [B] from the first classifier's p_i, held constant."""
-    (logits,) = self.logits(params, jax.lax.stop_gradient(features), first_only=True).values()
+    """a_i = Gaussian(p_i; 1, attention_sigma) [B] from the first classifier's p_i, held constant.
+    (The other classifiers' logits are not used: XLA drops them.)"""
+    logits = next(iter(self.logits(params, jax.lax.stop_gradient(features)).values()))
     p = own_class_probability(logits, labels)
     return jax.lax.stop_gradient(gaussian(p, 1.0, self.attention_sigma))
 

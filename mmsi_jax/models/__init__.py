@@ -3,7 +3,8 @@
 `embed` methods and the head's parameters under "head" (see models/embedding.py)."""
 
 from mmsi_jax.models.bn_inception import bn_inception
-from mmsi_jax.models.embedding import HEAD, MODEL_PARAMS, EmbeddingNet, global_pool, l2_normalize
+from mmsi_jax.models.embedding import (HEAD, MODEL_PARAMS, EmbeddingNet, global_pool, group_slices,
+                                       l2_normalize)
 from mmsi_jax.models.resnet import resnet18, resnet50
 from mmsi_jax.models.small_cnn import small_cnn
 from mmsi_jax.registry import Registry
@@ -27,4 +28,5 @@ def get(name: str, **kwargs) -> EmbeddingNet:
   return MODELS.build(name, kwargs, where="model")
 
 
-__all__ = ["HEAD", "MODEL_PARAMS", "MODELS", "EmbeddingNet", "get", "global_pool", "l2_normalize", "names"]
+__all__ = ["HEAD", "MODEL_PARAMS", "MODELS", "EmbeddingNet", "get", "global_pool", "group_slices",
+           "l2_normalize", "names"]

@@ -47,6 +47,7 @@ BLOCKS = (
 
 LAYOUTS = ("pooled", "osm_caa")
 AUXILIARY_WIDTH = 1024  # The inception_3c branch's width (GoogLeNet's auxiliary classifiers' FC).
+BRANCH_POINTS = ("inception_3c", "inception_4e")  # The blocks the "osm_caa" layout's branches read.
 
 
 def pool_ceil(x: jax.Array, window: int = 3, stride: int = 2, kind: str = "max") -> jax.Array:
@@ -200,7 +201,8 @@ class BNInceptionBackbone(nn.Module):
             x, (3, 3), (1, 1), padding=[(1, 1), (1, 1)])
         branches.append(conv_bn(pooled, f"{name}_pool_proj", proj, 1))
       x = jnp.concatenate(branches, axis=-1)
-      branch_inputs[name] = x
+      if name in BRANCH_POINTS:
+        branch_inputs[name] = x
     weights.check()
     pooled = global_pool(x, self.pooling)
     if self.layout == "pooled":

@@ -26,6 +26,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def group_slices(groups: tuple[tuple[str, int], ...]) -> dict[str, slice]:
+  """{name: its columns of the features} for consecutive named groups ((name, width), ...), in order."""
+  slices, start = {}, 0
+  for name, width in groups:
+    slices[name] = slice(start, start + width)
+    start += width
+  return slices
+
+
 def global_pool(x: jax.Array, pooling: str) -> jax.Array:
   """[N, H, W, C] -> [N, C] ("max", "avg", "max_plus_avg": their sum) or [N, 2C] ("max_avg": both,
   concatenated)."""
@@ -68,16 +77,11 @@ class EmbeddingNet(nn.Module):
     if not self.embedding_group:
       self.head = nn.Dense(self.embed_dim)
       return
-    names = [name for name, _ in self.feature_groups]
-    if self.embedding_group not in names:
-      raise ValueError(f"embedding_group={self.embedding_group!r} is not one of the feature groups {names}.")
-    index = names.index(self.embedding_group)
-    start = sum(width for _, width in self.feature_groups[:index])
-    width = self.feature_groups[index][1]
-    if width != self.embed_dim:
-      raise ValueError(f"The embedding group {self.embedding_group!r} is {width} wide, not embed_dim "
-                       f"{self.embed_dim}.")
-    self.embedding_slice = (start, start + width)
+    slices = group_slices(self.feature_groups)
+    if self.embedding_group not in slices:
+      raise ValueError(f"embedding_group={self.embedding_group!r} is not one of the feature groups "
+                       f"{list(slices)}.")
+    self.embedding_columns = slices[self.embedding_group]
 
   @property
   def has_head(self) -> bool:
@@ -92,8 +96,7 @@ class EmbeddingNet(nn.Module):
   def embed(self, features: jax.Array) -> jax.Array:
     if self.has_head:
       return l2_normalize(self.head(features))
-    start, stop = self.embedding_slice
-    return l2_normalize(features[:, start:stop])
+    return l2_normalize(features[:, self.embedding_columns])
 
   def features_and_embeddings(self, images: jax.Array, train: bool = False):
     features = self.features(images, train)
