@@ -39,8 +39,10 @@ main.py and README.md):
     global average pooling, linear -> 512, BatchNorm with frozen statistics and trained scale and
     offset; random-resized crop 224 (scale 0.08 to 1)
     and flips, resize 256 and centre crop 224 for testing; batches of 128; Adam, eps 0.01, weight decay
-    1e-4, lr 1e-4 and 1e-2 for the proxies (x100); 130 epochs. NormSoftmax scale 23 (temperature 1/23),
-    proxies U(+-1/sqrt(C)); ProxyNCA scale 12 (README, Cars), proxies N(0, 2/D). CosFace (s 64, m 0.35)
+    1e-4, lr 1e-4 and 1e-2 for the proxies (x100), x0.1 from epoch 50; 130 epochs of ceil(images / 128)
+    steps (their loader keeps an epoch's last partial batch). NormSoftmax scale 23 (temperature 1/23),
+    proxies U(+-1/sqrt(C)); ProxyNCA scale 12 (README, Cars) with the own proxy in the softmax's
+    denominator (their code's log-softmax over all proxies), proxies N(0, 2/D). CosFace (s 64, m 0.35)
     and ArcFace (s 64, m 0.5) take their papers' values and insightface's N(0, 0.01) proxies: MemVir's
     code holds neither loss.
 
@@ -48,7 +50,7 @@ Proxy-Anchor's setup (Kim et al., CVPR 2020; tjddus9597/Proxy-Anchor-CVPR2020, t
   proxy_anchor
     global average plus max pooling, linear -> 512, BatchNorm frozen on CUB and Cars, trained on SOP;
     proxies drawn N(0, 2/C); batches of 180; AdamW, weight decay 1e-4, lr 1e-4 (6e-4 on SOP) and 100x
-    for the proxies; alpha 32, delta 0.1; 60 epochs.
+    for the proxies; alpha 32, delta 0.1; 60 epochs of floor(images / 180) steps (drop_last).
 
 ResNet-50, which XBM and Proxy-Anchor also report (torchvision's ImageNet weights, read from
 model.pretrained = RESNET50_PRETRAINED, resnet50-0676ba61.pth; RGB input normalised with ImageNet's mean
@@ -62,10 +64,12 @@ and standard deviation; everything else as the BN-Inception variant of the same 
 MemVir's setup (Ko et al., ICCV 2021; navervision/MemVir, main.py and README.md):
   memvir_norm_softmax, memvir_cosface, memvir_arcface, memvir_proxy_nca, memvir_proxy_anchor
     the baseline setup above (each loss's scale and proxies; Proxy-Anchor alpha 32, delta 0.1, proxies
-    N(0, 2/C)) with random batches of 128 (not P x K), 2,000 epochs at a constant rate, and the virtual
-    classes from epoch 40: NormSoftmax N 45, M 10; ProxyNCA N 20, M 25 (the README's Cars settings, the
-    only ones published); the others N 45, M 10 (our choice: the code holds no other loss). On SOP the
-    queues are stored in bfloat16: 5.8 GB instead of 11.6 GB in float32.
+    N(0, 2/C)) with random batches of 128 (not P x K; each drawn on its own, where the authors shuffle
+    the split once an epoch), 2,000 epochs of ceil(images / 128) steps at a constant rate but for the
+    last, at x0.1 (the README's decay_step = decay_stop = 2,000), and the virtual classes from epoch
+    40: NormSoftmax N 45, M 10; ProxyNCA N 20, M 25 (the README's Cars settings, the only ones
+    published); the others N 45, M 10 (our choice: the code holds no other loss). On SOP the queues
+    are stored in bfloat16: 5.8 GB instead of 11.6 GB in float32.
 OSM + CAA's setup (Wang et al., AAAI 2019; their Caffe code on GoogLeNet-BN), cub200 and cars196 only:
   osm_caa
     the contrastive loss on distances (margin 1.2) weighted by OSM (sigma 0.8, alpha 1.2) times the
@@ -90,9 +94,8 @@ Smart Mining's setup (Harwood et al., ICCV 2017; no public code), as the paper r
     crops 224 (scale 0.16 to 1) and flips (docs/METHODS.md lists the departures).
 
 Batches are P x K here (K = 4 where the authors draw images at random: 32 x 4 for 128, 45 x 4 for 180).
-Step decays (MemVir x0.1 at epoch 50; Proxy-Anchor x0.5 every 10 or 20 epochs), Proxy-Anchor's one
-warm-up epoch with the backbone fixed and its gradient clipping are not reproduced: the schedule is
-constant.
+Proxy-Anchor's step decays (x0.5 every 10 or 20 epochs), its one warm-up epoch with the backbone fixed
+and its gradient clipping are not reproduced: its schedule is constant.
 """
 
 import dataclasses
@@ -138,8 +141,11 @@ MEMVIR_BASELINES = {  # Loss hyperparameters and the proxies' initialisation.
     "norm_softmax": ({"temperature": 1 / 23}, dict(init="uniform")),
     "cosface": ({"scale": 64.0, "margin": 0.35}, dict(init="normal", init_std=0.01)),
     "arcface": ({"scale": 64.0, "margin": 0.5}, dict(init="normal", init_std=0.01)),
-    "proxy_nca": ({"scale": 12.0}, dict(init="normal", init_std=(2 / 512) ** 0.5)),
+    # MemVir's ProxyNCA: a log-softmax over every proxy, the own one included.
+    "proxy_nca": ({"scale": 12.0, "own_proxy_in_denominator": True},
+                  dict(init="normal", init_std=(2 / 512) ** 0.5)),
 }
+MEMVIR_BATCH = 128
 VARIANTS = (*MMSI_VARIANTS, *XBM_VARIANTS, *MEMVIR_BASELINES, "proxy_anchor", "smart_mining")
 SMART_MINING_TRIPLETS = 40  # Triplets per batch of the smart_mining variant (120 images).
 # The setups above on torchvision's ImageNet ResNet-50 (module docstring).
@@ -204,7 +210,23 @@ def _set_loss(config: ml_collections.ConfigDict, name: str, hparams: dict) -> No
 
 
 def _epochs(epochs: int, train_images: int, batch_size: int) -> int:
-  return epochs * train_images // batch_size
+  """Steps of `epochs` epochs of a loader that drops its last partial batch (Proxy-Anchor's)."""
+  return epochs * (train_images // batch_size)
+
+
+def _memvir_epochs(epochs: int, train_images: int) -> int:
+  """Steps of `epochs` epochs of MemVir's loader: batches of 128 that keep the epoch's last partial
+  batch, ceil(images / 128) steps an epoch."""
+  return epochs * -(-train_images // MEMVIR_BATCH)
+
+
+def _memvir_schedule(config: ml_collections.ConfigDict, train_images: int, epochs: int,
+                     decay_epoch: int) -> None:
+  """MemVir's main.py: the rate times 0.1 from the start of epoch `decay_epoch` (1-based; its
+  decay_step = decay_stop), `epochs` epochs in all."""
+  config.optim.update(schedule="step", step_factor=0.1,
+                      step_boundaries=(_memvir_epochs(decay_epoch - 1, train_images),))
+  config.train.num_steps = _memvir_epochs(epochs, train_images)
 
 
 def mmsi_authors(dataset: str, variant: str) -> ml_collections.ConfigDict:
@@ -261,7 +283,7 @@ def memvir_baseline(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.references.proxies.update(proxies)
   config.optim.update(learning_rate=1e-4, eps=0.01, weight_decay=1e-4)
   config.optim.lr_mults.proxies = 100.0
-  config.train.num_steps = _epochs(130, spec.train_images, 128)
+  _memvir_schedule(config, spec.train_images, epochs=130, decay_epoch=50)
   return config
 
 
@@ -280,9 +302,9 @@ def memvir(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.references.name = "memvir"
   config.references.memvir.update(
       init=proxies["init"], init_std=proxies.get("init_std", 1.0), num_steps=num_steps,
-      step_gap=step_gap, warmup_steps=_epochs(40, spec.train_images, 128),
+      step_gap=step_gap, warmup_steps=_memvir_epochs(40, spec.train_images),
       dtype="bfloat16" if dataset == "sop" else "float32")
-  config.train.num_steps = _epochs(2000, spec.train_images, 128)
+  _memvir_schedule(config, spec.train_images, epochs=2_000, decay_epoch=2_000)  # The last epoch.
   return config
 
 

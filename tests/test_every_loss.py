@@ -31,6 +31,7 @@ MAIN_CASES = [
     ("cosface", {}),
     ("arcface", {}),
     ("proxy_nca", {}),
+    ("proxy_nca", dict(own_proxy_in_denominator=True)),  # MemVir's code.
     ("proxy_anchor", {}),
 ]
 CASES = MAIN_CASES + [
@@ -139,7 +140,8 @@ def np_ntxent(sets, temperature=0.1):
 
 
 def np_ratio_triplet(sets, margin=0.2):
-  costs = [max(1 - np.sqrt(2 - 2 * s_an) / (np.sqrt(2 - 2 * s_ap) + margin), 0)
+  distance = lambda s: np.sqrt(np.maximum(2 - 2 * s, 1e-12))  # The floor where S rounds to 1.
+  costs = [max(1 - distance(s_an) / (distance(s_ap) + margin), 0)
            for p, n in sets for s_ap in p for s_an in n]
   return np.mean(costs) if costs else 0.0
 
@@ -197,13 +199,13 @@ def np_arcface(problem, scale=64.0, margin=0.5):
   return np.mean(out)
 
 
-def np_proxy_nca(problem, scale=12.0):
+def np_proxy_nca(problem, scale=12.0, own_proxy_in_denominator=False):
   x, y, prox = proxy_samples(problem)
   out = []
   for xi, yi in zip(x, y):
     dist = np.sum((prox - xi) ** 2, axis=1)
-    others = np.arange(len(prox)) != yi
-    out.append(-np.log(np.exp(-scale * dist[yi]) / np.exp(-scale * dist[others]).sum()))
+    denominator = np.ones(len(prox), bool) if own_proxy_in_denominator else np.arange(len(prox)) != yi
+    out.append(-np.log(np.exp(-scale * dist[yi]) / np.exp(-scale * dist[denominator]).sum()))
   return np.mean(out)
 
 
@@ -414,23 +416,36 @@ def crowded_problem(seed, duplicates):
               proxies=np.zeros((NUM_CLASSES, 5)))
 
 
-@pytest.mark.parametrize("mining,margin", [("all", 0.1), ("all", 0.5), ("semihard", 0.3)])
-def test_triplet_with_many_positives_and_ties(mining, margin):
+def dense_ratio_triplet(sim, pos, neg, margin):
+  """Harwood et al.'s ratio triplet loss over the explicit [B, P, N] cube of triplets."""
+  distance = jnp.sqrt(jnp.maximum(2.0 - 2.0 * sim, 1e-12))
+  cost = jax.nn.relu(1.0 - distance[:, None, :] / (distance[:, :, None] + margin))
+  triplets = pos[:, :, None] & neg[:, None, :]
+  return jnp.sum(jnp.where(triplets, cost, 0.0)) / jnp.maximum(jnp.sum(triplets), 1)
+
+
+CHUNKED_CASES = [("triplet", dict(mining="all", margin=0.1)), ("triplet", dict(mining="all", margin=0.5)),
+                 ("triplet", dict(mining="semihard", margin=0.3)), ("ratio_triplet", dict(margin=0.2)),
+                 ("ratio_triplet", dict(margin=0.9))]
+
+
+@pytest.mark.parametrize("name,hparams", CHUNKED_CASES, ids=map(case_id, CHUNKED_CASES))
+def test_chunked_triplets_with_many_positives_and_ties(name, hparams):
   """Several chunks of positives per anchor: the value against NumPy (ties included) and the gradient
   against the explicit triplet cube."""
-  hparams = dict(mining=mining, margin=margin)
   with jax.enable_x64(True):
-    f = jax.jit(loss_on("triplet", hparams))
+    f = jax.jit(loss_on(name, hparams))
     for seed in range(3):
       problem = crowded_problem(seed, duplicates=True)
       assert min(len(p) for p, _ in anchor_sets(problem)) > 32
-      np.testing.assert_allclose(f(*args_of(problem)), np_triplet(anchor_sets(problem), **hparams),
-                                 rtol=1e-9)
+      np.testing.assert_allclose(f(*args_of(problem)), reference(name, hparams, problem), rtol=1e-9)
 
     def dense(x, labels, mem, mem_labels, mem_valid, proxies):
       pairs = losses.build_pairs(x, labels, ref_embeddings=mem, ref_labels=mem_labels,
                                  ref_valid=mem_valid)
-      return dense_triplet(*pairs, margin, mining)
+      if name == "ratio_triplet":
+        return dense_ratio_triplet(*pairs, **hparams)
+      return dense_triplet(*pairs, **hparams)
     args = args_of(crowded_problem(3, duplicates=False))
     np.testing.assert_allclose(jax.jit(jax.grad(f))(*args), jax.jit(jax.grad(dense))(*args),
                                rtol=1e-9, atol=1e-12)
@@ -458,15 +473,16 @@ def test_triplet_with_positives_known_at_compile_time(mining):
 
 # ---------------------------------------------------------------------------------------------------
 
-def test_batch_all_triplets_fit_in_memory_at_scale():
-  """B = 128 anchors against M = 8192 references would be 34 GB of triplets; the chunked form stays
+@pytest.mark.parametrize("name,hparams", [("triplet", dict(mining="all")),
+                                          ("ratio_triplet_global", {})])
+def test_all_triplets_fit_in_memory_at_scale(name, hparams):
+  """B = 128 anchors against M = 8192 references would be 34 GB of triplets; the chunked forms stay
   within 1 GB of working memory (compiled, not run)."""
   batch, refs, dim = 128, 8192, 512
-  loss_fn = losses.get("triplet")
+  loss_fn = losses.get(name)
 
   def f(e, mem, mem_labels):
-    return loss_fn(e, jnp.arange(batch) % 32, ref_embeddings=mem, ref_labels=mem_labels,
-                   mining="all")
+    return loss_fn(e, jnp.arange(batch) % 32, ref_embeddings=mem, ref_labels=mem_labels, **hparams)
   compiled = jax.jit(jax.value_and_grad(f)).lower(
       jax.ShapeDtypeStruct((batch, dim), jnp.float32),
       jax.ShapeDtypeStruct((refs - batch, dim), jnp.float32),

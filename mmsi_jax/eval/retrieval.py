@@ -99,7 +99,8 @@ def _merge_block(listed_sim, listed_index, sim, ref_start, axis):
     values = jnp.where(_better(taken_sim[:, None], taken_index[:, None], values, ref_start + positions),
                        values, -jnp.inf)
     best = jnp.argmax(values, axis=1)
-    best_sim, best_index = jnp.max(values, axis=1), ref_start + group * _GROUP_SIZE + best
+    best_sim = jnp.max(values, axis=1)
+    best_index = (ref_start + group * _GROUP_SIZE + best).astype(listed_index.dtype)  # int32 under x64.
     takes = (_better(best_sim, best_index, listed_sim[:, -1], listed_index[:, -1])
              & (best_sim > -jnp.inf))
     rest_max = jnp.max(jnp.where(offsets == best[:, None], -jnp.inf, values), axis=1)

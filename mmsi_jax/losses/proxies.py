@@ -59,21 +59,25 @@ def arcface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64
   return softmax_cross_entropy(scale * jnp.where(pos, with_margin, sim), pos, pos | neg)
 
 
-def proxy_nca(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 12.0) -> jax.Array:
+def proxy_nca(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 12.0,
+              own_proxy_in_denominator: bool = False) -> jax.Array:
   """ProxyNCA (Movshovitz-Attias et al., "No fuss distance metric learning using proxies", ICCV 2017),
   on squared Euclidean distances of unit vectors d = |x - p|^2 = 2 - 2 S, scaled.
 
-    L = mean_i -log( exp(-scale d(x_i, p_y)) / sum_{c != y} exp(-scale d(x_i, p_c)) )
-      = mean_i [ log sum_{c != y} exp(2 scale S_ic) - 2 scale S_iy ]
+    L = mean_i -log( exp(-scale d(x_i, p_y)) / sum_{c in D_i} exp(-scale d(x_i, p_c)) )
+      = mean_i [ log sum_{c in D_i} exp(2 scale S_ic) - 2 scale S_iy ]
 
-  As in the paper the sample's own proxy is left out of the denominator.
+  The denominator D_i is every class but the sample's own, as in the paper, or every class, as in
+  MemVir's code (navervision/MemVir, loss/softmax_variants.py: a log-softmax over all proxies).
 
   Args:
     sim: [N, C] sample-proxy similarities; pos, neg: [N, C] bool masks.
     scale: multiplies the squared distances (so the cosine logits are scaled by 2 * scale); 12 is
       MemVir's setting for ProxyNCA.
+    own_proxy_in_denominator: D_i holds the own class too (MemVir's code) instead of the others only.
   """
-  return softmax_cross_entropy(2.0 * scale * sim, pos, neg)
+  denominator = pos | neg if own_proxy_in_denominator else neg
+  return softmax_cross_entropy(2.0 * scale * sim, pos, denominator)
 
 
 def proxy_anchor(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float = 32.0,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_mean
+from mmsi_jax.losses.triplet import add_at, fold_positive_chunks
 
 # Squared distances are floored here before the square root, so that its gradient stays finite where
 # two embeddings coincide (S = 1).
@@ -26,18 +27,57 @@ def _distance(sim: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(2.0 - 2.0 * sim, _MIN_SQUARED_DISTANCE))
 
 
-def ratio_triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: float = 0.2) -> jax.Array:
-  """Mean over all triplets (i, p, n) of max(0, 1 - |x_i - x_n| / (|x_i - x_p| + margin)).
+def _distance_and_slope(sim: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """|x - y| and its derivative in S, elementwise: -1 / |x - y| (0 where the floor holds)."""
+  return jax.jvp(_distance, (sim,), (jnp.ones_like(sim),))
 
-  Harwood et al. (ICCV 2017), eq. 1; 0 without a triplet. Builds the [B, M, M] cube of triplets.
+
+def ratio_triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: float = 0.2) -> jax.Array:
+  """Mean over all triplets (i, p, n) of J_ipn = max(0, 1 - d_in / (d_ip + margin)), d = |x - y|.
+
+  Harwood et al. (ICCV 2017), eq. 1; 0 without a triplet. As triplet batch-all (losses/triplet.py), the
+  up to B M^2 triplets are never stored: each anchor's positives are taken a chunk at a time, sorted,
+  against its whole row (`triplet.fold_positive_chunks`, S held constant). The chunk's positives that a
+  negative n is active with (d_in < d_ip + margin) are then a prefix of them, of length c_n, so sums
+  over them are prefix sums read at c_n and sums over a positive's negatives are suffix sums of
+  histograms of c_n. This gives sum J and its derivatives,
+
+    dJ/dS_in = -(dd_in/dS_in) / (d_ip + margin),   dJ/dS_ip = (dd_ip/dS_ip) d_in / (d_ip + margin)^2,
+
+  summed over the active triplets into G [B, M]; the loss is
+
+    L = (sum J + sum_ij G_ij (S_ij - stop_gradient(S_ij))) / (number of triplets),
+
+  whose value and gradient are those of the mean of J (its second derivatives are not: nothing
+  differentiates a loss twice). O(B M) memory, O(B M x positives per anchor) time.
 
   Args:
     sim: [B, M] similarities; pos, neg: [B, M] bool masks (see `pairs.build_pairs`).
     margin: m, added to the anchor-positive distance (0.2 in the paper).
   """
-  distance = _distance(sim)
-  cost = jax.nn.relu(1.0 - distance[:, None, :] / (distance[:, :, None] + margin))  # [i, p, n]
-  return masked_mean(cost, pos[:, :, None] & neg[:, None, :])
+  stopped = jax.lax.stop_gradient(sim)
+  distance, distance_slope = _distance_and_slope(stopped)
+
+  def chunk_fn(carry, columns, valid, s_pos):
+    total, grad = carry
+    pos_distance, pos_slope = _distance_and_slope(s_pos)  # Non-increasing along the sorted chunk.
+    scale = jnp.where(valid, 1.0 / (pos_distance + margin), 0.0)  # [B, P]
+    reach = jnp.where(valid, pos_distance + margin, -jnp.inf)
+    active_pos = jnp.where(neg, jnp.sum(distance[:, None, :] < reach[:, :, None], axis=1,
+                                        dtype=jnp.int32), 0)  # c_n [B, M]; 0 off negatives.
+    prefix_scale = jnp.cumsum(jnp.pad(scale, ((0, 0), (1, 0))), axis=1)  # [B, P + 1]
+    grad = grad - distance_slope * jnp.take_along_axis(prefix_scale, active_pos, axis=1)
+    histogram = jnp.zeros((sim.shape[0], scale.shape[1] + 1, 2), sim.dtype)
+    histogram = add_at(histogram, active_pos, jnp.stack([jnp.ones_like(distance), distance], -1))
+    at_least = jnp.cumsum(histogram[:, ::-1], axis=1)[:, -2::-1]  # [k]: negatives with c_n > k.
+    pos_counts, neg_distances = at_least[..., 0], at_least[..., 1]  # [B, P]: sums of 1 and d_in.
+    total = total + jnp.sum(pos_counts) - jnp.sum(scale * neg_distances)
+    return total, add_at(grad, columns, pos_slope * scale * scale * neg_distances)
+
+  zero = jnp.zeros((), sim.dtype)
+  total, grad = fold_positive_chunks(sim, pos, chunk_fn, (zero, jnp.zeros_like(stopped)))
+  num_triplets = jnp.sum(jnp.sum(pos, axis=1, dtype=sim.dtype) * jnp.sum(neg, axis=1, dtype=sim.dtype))
+  return (total + jnp.sum(jax.lax.stop_gradient(grad) * (sim - stopped))) / jnp.maximum(num_triplets, 1)
 
 
 def global_loss(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, mean_weight: float = 1.0,

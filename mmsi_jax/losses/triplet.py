@@ -25,7 +25,7 @@ import jax.numpy as jnp
 _POSITIVE_CHUNK = 32
 
 
-def _fold_positive_chunks(sim, pos, chunk_fn: Callable, init):
+def fold_positive_chunks(sim, pos, chunk_fn: Callable, init):
   """Folds chunk_fn(carry, columns, valid, s_pos) -> carry over each anchor's positives,
   _POSITIVE_CHUNK at a time, with S held constant.
 
@@ -68,14 +68,14 @@ def _linear_in_sim(sim, counts, constant, normaliser):
   return (jnp.sum(counts * sim) + constant) / jnp.maximum(normaliser, 1)
 
 
-def _add_at(counts, columns, values):
+def add_at(counts, columns, values):
   """counts [B, M] with values [B, P] added at columns [B, P] of each row."""
   return counts.at[jnp.arange(counts.shape[0])[:, None], columns].add(values)
 
 
 def _histogram(bins, include, num_bins):
   """[B, num_bins] int32: per row, how many of the included columns fall in each bin (bins [B, M])."""
-  return _add_at(jnp.zeros((bins.shape[0], num_bins), jnp.int32), bins, include.astype(jnp.int32))
+  return add_at(jnp.zeros((bins.shape[0], num_bins), jnp.int32), bins, include.astype(jnp.int32))
 
 
 def _batch_all(sim, pos, neg, margin):
@@ -87,9 +87,9 @@ def _batch_all(sim, pos, neg, margin):
     active_pos = jnp.where(neg, jnp.sum(active, axis=1, dtype=jnp.int32), 0)  # c_n; 0 off negatives.
     histogram = _histogram(active_pos, neg, _POSITIVE_CHUNK + 1)
     at_least = jnp.cumsum(histogram[:, ::-1], axis=1)[:, ::-1]  # [k]: negatives with c_n >= k.
-    return _add_at(counts + active_pos, columns, -jnp.where(valid, at_least[:, 1:], 0))
+    return add_at(counts + active_pos, columns, -jnp.where(valid, at_least[:, 1:], 0))
 
-  counts = _fold_positive_chunks(sim, pos, chunk_fn, jnp.zeros(sim.shape, jnp.int32))
+  counts = fold_positive_chunks(sim, pos, chunk_fn, jnp.zeros(sim.shape, jnp.int32))
   # Up to B M^2 triplets: past the int32 range at scale, so summed as floats.
   active = jnp.sum(jnp.where(neg, counts, 0), dtype=sim.dtype)
   return _linear_in_sim(sim, counts, margin * active, active)
@@ -131,11 +131,11 @@ def _semihard(sim, pos, neg, margin):
     s_chosen = jnp.take_along_axis(best, chosen, axis=1)
     active = valid & (s_chosen - s_pos + margin > 0)  # False when there is no such negative (-inf).
     chosen_column = jnp.where(active, jnp.take_along_axis(best_column, chosen, axis=1), 0)
-    counts = _add_at(_add_at(counts, columns, -active.astype(jnp.int32)), chosen_column,
+    counts = add_at(add_at(counts, columns, -active.astype(jnp.int32)), chosen_column,
                      active.astype(jnp.int32))
     return counts, num_active + jnp.sum(active, dtype=jnp.int32)
 
-  counts, num_active = _fold_positive_chunks(
+  counts, num_active = fold_positive_chunks(
       sim, pos, chunk_fn, (jnp.zeros(sim.shape, jnp.int32), jnp.zeros((), jnp.int32)))
   return _linear_in_sim(sim, counts, margin * num_active, jnp.sum(pos))
 
