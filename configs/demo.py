@@ -37,7 +37,7 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
   triplet_semihard  semi-hard triplet, margin 0.1, on PK batches
   smart_mining_triplet, smart_mining
                     Smart Mining batches (Harwood et al., ICCV 2017): 21 triplets (63 images) per
-                    batch, mined from the model's exact neighbours every epoch (114 steps) from epoch 2;
+                    batch, mined from the model's exact neighbours every epoch (115 steps) from epoch 2;
                     smart_mining_triplet trains the margin triplet (0.1) on them with the bound fixed
                     at kappa 1; smart_mining trains the paper's ratio triplet plus global loss with
                     the adaptive controller (target e 0.6, kappa from 4)

@@ -365,7 +365,7 @@ def smart_mining(dataset: str) -> ml_collections.ConfigDict:
                                   adaptive=True, target_error=0.6)
   config.optim.update(learning_rate=1e-5, weight_decay=5e-4)
   config.optim.lr_mults["model/head"] = 10.0  # The new embedding layer at 10x the rate.
-  config.train.num_steps = 20 * (spec.train_images // SMART_MINING_TRIPLETS)  # 20 epochs.
+  config.train.num_steps = 20 * -(-spec.train_images // SMART_MINING_TRIPLETS)  # 20 epochs.
   return config
 
 

@@ -52,11 +52,13 @@ def brute_force_rule(x, labels, anchor, kappa, k):
   return positive, negative
 
 
-def test_neighbour_lists_are_exact():
+@pytest.mark.parametrize("x64", [False, True])
+def test_neighbour_lists_are_exact(x64):
   x, labels = small_split()
   sim = x @ x.T
   for same_class in (False, True):
-    listed_sim, listed = nearest_by_class(x, labels, 4, same_class=same_class, chunk_size=32)
+    with jax.enable_x64(x64):
+      listed_sim, listed = nearest_by_class(x, labels, 4, same_class=same_class, chunk_size=32)
     for a in range(len(x)):
       candidates = np.nonzero(((labels == labels[a]) == same_class) & (np.arange(len(x)) != a))[0]
       expected = candidates[np.lexsort((candidates, -sim[a, candidates]))][:4]
@@ -69,7 +71,7 @@ def test_mined_batches_follow_the_rule(kappa):
   x, labels = small_split()
   policy = make_policy(labels, kappa=kappa)
   steps_per_epoch = policy.steps_per_epoch
-  assert policy.refresh_every == steps_per_epoch == 69 // 6
+  assert policy.refresh_every == steps_per_epoch == 12  # ceil(69 / 6).
   state = policy.init_state()
   calls = []
 
@@ -87,9 +89,11 @@ def test_mined_batches_follow_the_rule(kappa):
   assert batches.shape == (steps_per_epoch, 18) and int(state["first_step"]) == steps_per_epoch
   triplets = batches.reshape(-1, 3)
   anchors = triplets[:, 0]
-  # Every sample of a class of two or more is an anchor once in the epoch (69 of them, 66 used).
-  assert len(set(anchors.tolist())) == len(anchors) == 66 and np.all(labels[anchors] != 0)
-  np.testing.assert_array_equal(anchors, policy.epoch_anchors(1)[:66])
+  # The 69 samples of classes of two or more: epoch 0 took the first 69 slots (steps 0 to 11 hold
+  # 72), so steps 12 to 23 hold epoch 1's anchors from its 4th on, then epoch 2's first 6.
+  assert np.all(labels[anchors] != 0)
+  np.testing.assert_array_equal(
+      anchors, np.concatenate([policy.epoch_anchors(1)[3:], policy.epoch_anchors(2)[:6]]))
   assert np.all(labels[triplets[:, 1]] == labels[anchors]) and np.all(triplets[:, 1] != anchors)
   assert np.all(labels[triplets[:, 2]] != labels[anchors])
   num_mined, counted, hard = 0, 0, 0
@@ -116,6 +120,17 @@ def test_mined_batches_follow_the_rule(kappa):
   np.testing.assert_array_equal(again["batches"], batches)
 
 
+def test_every_sample_is_an_anchor_once_an_epoch():
+  """The epochs' permutations are read T anchors a step: no epoch's remainder is dropped."""
+  _, labels = small_split()
+  policy = make_policy(labels)
+  anchors, epochs = policy.step_anchors(np.arange(3 * policy.steps_per_epoch))
+  slots = anchors.reshape(-1)[:3 * 69].reshape(3, 69)
+  for epoch in range(3):
+    np.testing.assert_array_equal(np.sort(slots[epoch]), policy.anchors)
+  np.testing.assert_array_equal(epochs, np.arange(len(epochs)) * 6 // 69)
+
+
 def test_a_larger_bound_picks_easier_negatives():
   x, labels = small_split(1)
   d2 = {}
@@ -137,6 +152,12 @@ def test_period_sampler_and_policy_schedule():
   np.testing.assert_array_equal(sampler.batch_indices(6), np.asarray(state["batches"])[2])
   with pytest.raises(IndexError, match="outside the refresh period"):
     sampler.batch_indices(8)
+  # No PK batches: a split of fewer classes than data.classes_per_batch (10 < 50) is served, and a
+  # miner's extra batches too.
+  few_classes = smart_mining.SmartMiningPolicy(labels, 50, 9, 3, 0.0, losses.get_pair_loss("triplet"),
+                                               {}, "pk", **SETTINGS)
+  extra = few_classes.sampler(few_classes.init_state()).extra_indices(0, 5)
+  assert len(set(labels[extra].tolist())) == 5
   with pytest.raises(ValueError, match="mined_fraction"):
     make_policy(labels, mined_fraction=0.0)
   with pytest.raises(ValueError, match="kappa_range"):

@@ -48,6 +48,38 @@ def held_out_fraction(requests: Sequence[ExtraBatch]) -> float:
   return fractions.pop() if fractions else 0.0
 
 
+def class_members(labels) -> list[np.ndarray]:
+  """The example indices of each class of `labels` [N], classes in increasing order."""
+  labels = np.asarray(labels)
+  order = np.argsort(labels, kind="stable")
+  _, starts = np.unique(labels[order], return_index=True)
+  return np.split(order, starts[1:])
+
+
+class ExtraSampler:
+  """Indices of extra batches (`ExtraBatch`): V distinct classes x 1 image, a pure function of
+  (seed, step, stream).
+
+  Args:
+    members: the example indices of each class the extra batches may draw from.
+    seed: the sampling seed.
+  """
+
+  def __init__(self, members: Sequence[np.ndarray], seed: int):
+    self._members = [m for m in members if len(m)]
+    self.seed = seed
+
+  def extra_indices(self, step: int, num_classes: int, stream: int = 0) -> np.ndarray:
+    """Example indices [V] of extra batch number `stream` at `step`: V distinct classes, one image
+    each."""
+    if num_classes > len(self._members):
+      raise ValueError(f"Extra batches of V={num_classes} classes need as many classes with images "
+                       f"for them; there are {len(self._members)}.")
+    rng = np.random.default_rng([self.seed, step, 2 + stream])
+    picked = rng.choice(len(self._members), num_classes, replace=False)
+    return np.array([rng.choice(self._members[c]) for c in picked])
+
+
 class PKSampler:
   """Indices of P classes x K images per batch (class-major order: the K images of a class are adjacent).
 
@@ -65,15 +97,15 @@ class PKSampler:
     if classes_per_batch < 1 or samples_per_class < 2:
       raise ValueError(f"PK batches need P >= 1 and K >= 2, got P={classes_per_batch}, "
                        f"K={samples_per_class}: set data.classes_per_batch and data.samples_per_class.")
-    order = np.argsort(labels, kind="stable")
-    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    members = np.split(order, starts[1:])
-    self._extra_members = members
+    classes = np.unique(labels)
+    members = class_members(labels)
+    extra_members = members
     if held_out_fraction > 0:
       held_out = [min(max(1, int(round(held_out_fraction * len(m)))), len(m) - 2) for m in members]
-      self._extra_members = [m[len(m) - h:] for m, h in zip(members, held_out) if h > 0]
+      extra_members = [m[len(m) - h:] for m, h in zip(members, held_out)]
       members = [m[:len(m) - h] if h > 0 else m for m, h in zip(members, held_out)]
-      counts = np.array([len(m) for m in members])
+    self._extra = ExtraSampler(extra_members, seed)
+    counts = np.array([len(m) for m in members])
     eligible = counts >= 2
     if not eligible.all():
       logging.warning("PK sampler: %d classes have a single image and are never drawn: %s",
@@ -108,14 +140,9 @@ class PKSampler:
     return np.concatenate(indices)
 
   def extra_indices(self, step: int, num_classes: int, stream: int = 0) -> np.ndarray:
-    """Example indices [V] of extra batch number `stream` at `step`: V distinct classes, one image
-    each (from the held-out images, if any)."""
-    if num_classes > len(self._extra_members):
-      raise ValueError(f"Extra batches of V={num_classes} classes need as many classes with images "
-                       f"for them; there are {len(self._extra_members)}.")
-    rng = np.random.default_rng([self.seed, step, 2 + stream])
-    picked = rng.choice(len(self._extra_members), num_classes, replace=False)
-    return np.array([rng.choice(self._extra_members[c]) for c in picked])
+    """Example indices [V] of extra batch number `stream` at `step` (`ExtraSampler`), from the
+    held-out images, if any."""
+    return self._extra.extra_indices(step, num_classes, stream)
 
 
 class RandomSampler(PKSampler):

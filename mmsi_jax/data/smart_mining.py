@@ -12,10 +12,15 @@ The rule, per anchor a (`assemble_triplets`):
   - the positive is the first of a's positives, nearest first, that is nearer to a than the negative,
     i.e. p_NN when d^2(a, p_NN) < d^2(a, n), else a random positive of a's class;
   - no valid negative in the list: a random triplet (a, random positive, random negative).
+The lists are exact and ties rank the lower sample index first (eval/retrieval.py); a random positive
+is uniform over the anchor's other samples, a random negative uniform over the samples of the other
+classes (so a class is drawn in proportion to its size).
 Each epoch every sample of a class with two or more images is an anchor exactly once (a permutation), so
-each negative is used at most once per anchor per epoch. In each batch the first
-round(mined_fraction * T) triplets are mined, the others random; in the first `start_epoch` epochs
-every triplet is random (no embedding, no search).
+each negative is used at most once per anchor per epoch; the epochs' permutations are read one after
+another, T anchors a step, so an epoch's last anchors and the next epoch's first share a step. In each
+batch the first round(mined_fraction * T) triplets are mined, the others random; while a step's first
+anchor belongs to one of the first `start_epoch` epochs every triplet is random (no embedding, no
+search).
 
 kappa comes from the adaptive controller (mining/controller.py): after assembling a period's triplets
 the policy measures e, the share of its mined triplets whose loss (the configured loss on the triplet
@@ -34,7 +39,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from mmsi_jax.data.sampler import PKSampler
+from mmsi_jax.data.sampler import ExtraSampler, class_members
 from mmsi_jax.eval.retrieval import nearest_by_class
 from mmsi_jax.mining import controller as controller_lib
 from mmsi_jax.references.triplets import TRIPLETS, triplet_losses
@@ -98,9 +103,9 @@ def assemble_triplets(anchors: np.ndarray, mine: np.ndarray, positive_d2: np.nda
 
 class PeriodSampler:
   """The batches of one refresh period, in the pipeline's sampler interface: batch `step` is row
-  step - first_step of `batches` [R, 3T]; extra batches come from `extra` (a PK sampler)."""
+  step - first_step of `batches` [R, 3T]; extra batches (a miner's) come from `extra`."""
 
-  def __init__(self, batches: np.ndarray, first_step: int, extra: PKSampler):
+  def __init__(self, batches: np.ndarray, first_step: int, extra: ExtraSampler):
     self.batches = batches
     self.first_step = first_step
     self.extra = extra
@@ -121,13 +126,14 @@ class SmartMiningPolicy:
   """Batches of T mined triplets, refreshed from the model's embedding of the training split.
 
   Args (context, from the trainer):
-    labels: [N] training labels; classes_per_batch, samples_per_class: the PK shape of the extra
-      batches' sampler; seed; held_out_fraction: must be 0 (every image is an anchor);
+    labels: [N] training labels; classes_per_batch, samples_per_class: unused (no PK batches); seed;
+      held_out_fraction: must be 0 (every image is an anchor);
     loss_fn, hparams: the training loss, whose per-triplet value gives the controller's e;
     sampler: data.sampler, which must be "pk" (the policy builds its own batches).
   Settings (config data.smart_mining):
     triplets_per_batch: T; the batch has 3T images.
-    refresh_every: steps between refreshes; 0: one epoch (the paper).
+    refresh_every: steps between refreshes; 0: ceil(A / T) steps for the A anchors, one epoch (the
+      paper).
     start_epoch: epochs of random triplets before mining starts (the paper: 2).
     mined_fraction: share of each batch that is mined (the paper: 0.5 to 1).
     neighbors: length k of each sample's list of nearest negatives.
@@ -145,6 +151,8 @@ class SmartMiningPolicy:
                mined_fraction: float, neighbors: int, adaptive: bool, kappa: float,
                target_error: float, window: int, step_gain: float, kappa_range: tuple,
                chunk_size: int):
+    del classes_per_batch, samples_per_class
+
     def require(ok, message):
       if not ok:
         raise ValueError(f"data.smart_mining: {message}")
@@ -166,7 +174,7 @@ class SmartMiningPolicy:
     require(len(self.anchors) >= triplets_per_batch,
             f"triplets_per_batch={triplets_per_batch} exceeds the {len(self.anchors)} samples of "
             f"classes with two or more images: lower it.")
-    self.steps_per_epoch = len(self.anchors) // triplets_per_batch
+    self.steps_per_epoch = -(-len(self.anchors) // triplets_per_batch)
     self.refresh_every = refresh_every or self.steps_per_epoch
     self.triplets_per_batch = triplets_per_batch
     self.batch_size = 3 * triplets_per_batch
@@ -175,7 +183,7 @@ class SmartMiningPolicy:
     self.settings = dict(start_epoch=start_epoch, neighbors=neighbors, adaptive=adaptive,
                          kappa=kappa, target_error=target_error, window=window, step_gain=step_gain,
                          kappa_range=tuple(kappa_range), chunk_size=chunk_size)
-    self._extra = PKSampler(labels, classes_per_batch, samples_per_class, seed)
+    self._extra = ExtraSampler(class_members(labels), seed)
     self._triplet_losses = jax.jit(functools.partial(triplet_losses, loss_fn, dict(hparams)))
 
   def init_state(self) -> dict:
@@ -201,15 +209,24 @@ class SmartMiningPolicy:
     """The anchors of an epoch, in order: a permutation of the samples with a positive."""
     return np.random.default_rng([self.seed, epoch, 3]).permutation(self.anchors)
 
+  def step_anchors(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The anchors [S, T] of steps [S] and the epoch of each step's first anchor [S]: the epochs'
+    permutations read one after another, T anchors a step."""
+    slots = steps[:, None] * self.triplets_per_batch + np.arange(self.triplets_per_batch)
+    epochs, offsets = np.divmod(slots, len(self.anchors))
+    anchors = np.empty_like(slots)
+    for epoch in np.unique(epochs):
+      here = epochs == epoch
+      anchors[here] = self.epoch_anchors(epoch)[offsets[here]]
+    return anchors, epochs[:, 0]
+
   def refresh(self, state: dict, completed_steps: int,
               embed_split: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[dict, dict]:
     """(the state of the period that starts after `completed_steps`, its metrics). `embed_split()`
     embeds the training split with the current parameters: [N, D] unit rows and [N] labels."""
     settings, size = self.settings, self.triplets_per_batch
-    steps = completed_steps + np.arange(self.refresh_every)
-    epochs, offsets = steps // self.steps_per_epoch, steps % self.steps_per_epoch
-    anchors = np.stack([self.epoch_anchors(e)[o * size:(o + 1) * size]
-                        for e, o in zip(epochs, offsets)]).reshape(-1)
+    anchors, epochs = self.step_anchors(completed_steps + np.arange(self.refresh_every))
+    anchors = anchors.reshape(-1)
     mine = ((epochs >= settings["start_epoch"])[:, None]
             & (np.arange(size) < self.num_mined)[None, :]).reshape(-1)
     rng = np.random.default_rng([self.seed, completed_steps, 4])
