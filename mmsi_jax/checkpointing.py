@@ -38,6 +38,16 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any) -> tuple[Any, Optio
   return state, step
 
 
+def latest_step(workdir: str) -> Optional[int]:
+  """The step of the latest finished checkpoint in <workdir>/checkpoints (None: there is none);
+  creates nothing."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    return None
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)
+                               ).latest_step()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
   mngr.save(step, args=ocp.args.StandardSave(state))
 

@@ -6,18 +6,20 @@ wrong type is reported before any work starts. Running again with the same workd
 On several hosts, run the same command on each with --multihost (see launch/).
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from mmsi_jax import checkpointing
+from mmsi_jax import config_cli
 from mmsi_jax import parallel
 from mmsi_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:variant].",
-                                          lock_config=True)
+_CONFIG = flags.DEFINE_string("config", None, "Config file and variant, e.g. configs/demo.py[:VARIANT]; "
+                              "any key overridden with --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and events.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Run as one process of a multi-host job (jax.distributed). On Cloud TPU pods and "
@@ -28,39 +30,51 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: 
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "With --multihost: this process's id, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _last_line(text: str) -> str:
-  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-  return lines[-1] if lines else text
+INTERRUPTED = 130  # Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that turns a wrong config file or override into a short error, no traceback."""
+  """absl flag parsing with a short error, no traceback. The `--config.a.b=value` overrides are not
+  absl flags: they are returned after the program name and the other arguments, for
+  config_cli.resolve."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-    if "Traceback" in message:  # An exception raised by the config file: keep its own message.
-      message = f"{message.splitlines()[0]} {_last_line(message)}"
-    sys.exit(f"Error: {message}\nPass --helpfull to list the flags.")
-  except (AttributeError, KeyError) as e:
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    detail = " ".join(part.strip("'\" ") for part in
-                      str(e).encode().decode("unicode_escape").splitlines())
-    sys.exit(f"Error: unknown config key in {overrides}: {detail}")
+    rest, overrides = config_cli.split_arguments(argv[1:])
+    return flags.FLAGS([argv[0], *rest]) + overrides
+  except (flags.Error, config_cli.ConfigError) as e:
+    sys.exit(f"Error: {e}\nPass --helpfull to list the flags.")
+
+
+def resolved_config(argv: list[str]):
+  """The config of --config with the overrides among `argv[1:]` applied; exits with the reason if it
+  cannot be made. Notes on component switches are printed."""
+  rest, overrides = config_cli.split_arguments(argv[1:])
+  if rest:
+    raise app.UsageError(f"Unexpected arguments: {rest}")
+  try:
+    config, notes = config_cli.resolve(_CONFIG.value, overrides)
+  except config_cli.ConfigError as e:
+    sys.exit(f"Error: {e}")
+  for note in notes:
+    print(f"Note: {note}", flush=True)
+  return config
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = resolved_config(argv)
   logging.set_verbosity(logging.WARNING)  # Our progress goes to stdout; libraries stay quiet.
   if _MULTIHOST.value:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, PermissionError, FileNotFoundError, train.NonFiniteLossError) as e:
     sys.exit(f"Error: {e}")
+  except KeyboardInterrupt:
+    step = checkpointing.latest_step(_WORKDIR.value)
+    where = (f"the last checkpoint is step {step} in {os.path.join(_WORKDIR.value, 'checkpoints')}: "
+             f"the same command resumes from it" if step is not None else
+             "no checkpoint was written yet: the same command starts the run again")
+    print(f"\nInterrupted; {where}.", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

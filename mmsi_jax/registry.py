@@ -60,12 +60,15 @@ class Registry:
 
   def settings(self, name: str, context: tuple[str, ...] = ()) -> list[str]:
     """The names a config may set for component `name` (see the module docstring)."""
+    return list(self.setting_defaults(name, context))
+
+  def setting_defaults(self, name: str, context: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{setting: its default} of component `name`; inspect.Parameter.empty where it has none."""
     parameters = inspect.signature(self.get(name)).parameters.values()
-    keyword_only = [p.name for p in parameters if p.kind == inspect.Parameter.KEYWORD_ONLY]
-    if keyword_only:
-      return keyword_only
-    return [p.name for p in parameters if p.name not in context and p.kind in (
+    keyword_only = [p for p in parameters if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    settings = keyword_only or [p for p in parameters if p.name not in context and p.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return {p.name: p.default for p in settings}
 
   def check_settings(self, name: str, settings: Mapping[str, Any], where: str,
                      context: tuple[str, ...] = ()) -> None:

@@ -6,7 +6,9 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX import summary as tensorboard_summary
 
 METRICS_FILE = "metrics.jsonl"
 # Wall-clock time of the training steps between two log lines (evaluation and checkpointing left out):
@@ -38,11 +40,12 @@ class JsonLines:
   """Appends {"step": s, **values} lines to a .jsonl file.
 
   Resuming at `resume_step` drops the records of later steps (a killed run may have written them after
-  its last checkpoint; the resumed run writes them again).
+  its last checkpoint; the resumed run writes them again); None, a start from step 0, drops them all
+  (a run killed before its first checkpoint starts again, step-0 records included).
   """
 
-  def __init__(self, path: str, resume_step: int = 0):
-    kept = [r for r in read_records(path) if r["step"] <= resume_step]
+  def __init__(self, path: str, resume_step: Optional[int]):
+    kept = [r for r in read_records(path) if resume_step is not None and r["step"] <= resume_step]
     tmp_path = path + ".tmp"
     with open(tmp_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -58,17 +61,32 @@ class JsonLines:
 
 
 class MetricsWriter:
-  """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to TensorBoard events;
-  resuming at `resume_step` drops the records of later steps from both (JsonLines)."""
+  """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to TensorBoard events,
+  and images and the run's hyperparameters to TensorBoard; resuming at `resume_step` (None: starting
+  at step 0) drops the records of later steps from both (JsonLines)."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: Optional[int]):
     self._file = JsonLines(os.path.join(workdir, METRICS_FILE), resume_step)
-    self._tensorboard = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+    self._tensorboard = SummaryWriter(workdir, purge_step=0 if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     self._file.write(step, metrics)
     for key, value in metrics.items():
       self._tensorboard.add_scalar(key, value, int(step))
+    self._tensorboard.flush()
+
+  def write_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    """An image [H, W, 3] uint8 under `tag` at `step` (TensorBoard's Images tab)."""
+    self._tensorboard.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+    self._tensorboard.flush()
+
+  def write_hparams(self, hparams: dict, metric_tags: list[str]) -> None:
+    """The run's settings {name: value} (TensorBoard's HParams tab), with the scalar tags that
+    compare runs there (e.g. "test/recall@1")."""
+    values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+              for k, v in hparams.items() if v is not None}
+    for summary in tensorboard_summary.hparams(values, dict.fromkeys(metric_tags, 0.0)):
+      self._tensorboard.file_writer.add_summary(summary)
     self._tensorboard.flush()
 
   def close(self) -> None:
@@ -81,6 +99,12 @@ class NullWriter:
 
   def write(self, step: int, metrics: dict) -> None:
     del step, metrics
+
+  def write_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    del tag, image, step
+
+  def write_hparams(self, hparams: dict, metric_tags: list[str]) -> None:
+    del hparams, metric_tags
 
   def close(self) -> None:
     pass

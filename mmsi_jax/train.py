@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmsi_jax import checkpointing, losses, mining, models, parallel, references, reporting
+from mmsi_jax import checkpointing, losses, mining, models, parallel, references, reporting, run_record
 from mmsi_jax.data import batch_policy, pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
 from mmsi_jax.models import MODEL_PARAMS
@@ -72,6 +72,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(config.loss.name in all_losses, f"loss.name={config.loss.name!r} is not one of {all_losses}.")
   checked(losses.registry_of(config.loss.name).check_settings, config.loss.name, config.loss.hparams,
           "loss.hparams")
+  checked(_check_loss_values, config.loss.name, dict(config.loss.hparams))
   check_components("references", references.REFERENCES, {"num_classes": 1})
   loss_kind = "proxy" if losses.is_proxy_loss(config.loss.name) else "pair"
   fitting = [n for n in references.REFERENCES.names() if references.kind_of(n) == loss_kind]
@@ -127,7 +128,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(all(value > 0 for value in config.optim.lr_mults.values()),
           f"optim.lr_mults must be positive, got {dict(config.optim.lr_mults)}.")
   require(0 <= config.optim.warmup_steps < train.num_steps,
-          "optim.warmup_steps must be in [0, train.num_steps).")
+          f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, train.num_steps="
+          f"{train.num_steps}): lower --config.optim.warmup_steps or raise --config.train.num_steps.")
+  ks = tuple(config.eval.ks)
+  require(ks and all(isinstance(k, int) and k >= 1 for k in ks),
+          f"eval.ks={ks} must be positive integers, e.g. --config.eval.ks=1,2,4,8.")
+
+
+def _check_loss_values(name: str, hparams: dict) -> None:
+  """Raises the loss's own ValueError or TypeError for a refused value of `hparams`, naming the key:
+  the loss traced on a stand-in similarity matrix (shapes only, nothing computed)."""
+  sim = jax.ShapeDtypeStruct((4, 8), np.float32)
+  masks = jax.ShapeDtypeStruct((4, 8), np.bool_)
+  try:
+    jax.eval_shape(functools.partial(losses.registry_of(name).get(name), **hparams), sim, masks, masks)
+  except (ValueError, TypeError) as e:
+    named = [key for key in hparams if str(e).startswith((f"{key}=", f"{key} "))]
+    where = f"loss.hparams.{named[0]}={hparams[named[0]]!r}" if named else f"loss.hparams={hparams}"
+    raise ValueError(f"{where} is refused by the {losses.registry_of(name).kind} {name!r}: {e}") from e
 
 
 def _ensure_writable(workdir: str) -> None:
@@ -166,12 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
   """
   check_config(config)
+  resumable_changes = run_record.check_resumable(workdir, config)
   _ensure_writable(workdir)
   primary = parallel.is_primary()
   say = functools.partial(print, flush=True) if primary else lambda *args: None
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # Built first: a missing weights file (model.pretrained, init_from) stops the run before any data work.
   model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
@@ -207,10 +223,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            parallel.replicated(mesh))
     say(f"Starting from the model weights of {config.init_from} (not its optimizer state or step).")
   start_step = int(state.step)
-  writer = reporting.MetricsWriter(workdir, resume_step=start_step) if primary else reporting.NullWriter()
-  timing = (reporting.JsonLines(os.path.join(workdir, reporting.TIMING_FILE), start_step) if primary
+  if primary and restored_step is None:  # The run starts: the workdir is its own from here on.
+    run_record.record(workdir, config)
+  writer = (reporting.MetricsWriter(workdir, resume_step=restored_step) if primary
             else reporting.NullWriter())
-  evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None)
+  timing = (reporting.JsonLines(os.path.join(workdir, reporting.TIMING_FILE), restored_step) if primary
+            else reporting.NullWriter())
+  evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None,
+                        method=method_name(config), write_image=writer.write_image)
   # The state is donated: each step writes the new state into the old one's buffers. A checkpoint
   # copies the state to the host before `save` returns (orbax's default transfer), so a later step
   # cannot change what it writes.
@@ -223,10 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored_step is None:
     baseline = evaluator.raw_pixel_baseline()
     writer.write(0, baseline)
+    writer.write_hparams(run_record.flat_config(config),
+                         [f"test/{k.split('/', 1)[1]}" for k in baseline])
   else:
     baseline = {k: v for r in reporting.read_metrics(workdir) for k, v in r.items()
                 if k.startswith("baseline/")}
     say(f"Resuming at step {start_step} of {num_steps} from {ckpt.directory}.")
+  if resumable_changes:
+    say(f"Changed since the run started (allowed on resume):\n{run_record.describe(resumable_changes)}")
   final = dict(baseline)
 
   def embed_train_split():  # For a batch policy's refresh, with the current parameters.
@@ -279,10 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"checkpoint is step {last_checkpoint} in {ckpt.directory} (nothing later was saved). "
           f"Lower optim.learning_rate or check the data, then run again to resume.")
     means = {k: float(np.mean([m[k] for _, m in host])) for k in host[0][1]}
+    means["train/learning_rate"] = float(components.schedule(step - 1))  # The last step's base rate.
     writer.write(step, means)
     say(progress.line(step, {"loss": means["train/loss"]}))
     if step % config.train.eval_every == 0 or step == num_steps:
-      evaluation = evaluator.evaluate(embed, "test", f"step_{step:06d}")
+      evaluation = evaluator.evaluate(embed, "test", step)
       writer.write(step, evaluation)
       final = {**baseline, **evaluation}
       say("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()))
@@ -297,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step < num_steps:
     say(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.")
   if not any(k.startswith("test/") for k in final):  # Resumed a finished run: evaluate once more.
-    final.update(evaluator.evaluate(embed, "test", f"step_{num_steps:06d}"))
+    final.update(evaluator.evaluate(embed, "test", num_steps))
   columns = [k.split("/", 1)[1] for k in final if k.startswith("test/")]
   rows = {
       "raw pixels": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("baseline/")},

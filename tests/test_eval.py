@@ -302,13 +302,24 @@ def test_nmi_is_one_on_separated_classes_and_deterministic():
 def test_figures_mark_right_and_wrong(tmp_path):
   rng = np.random.default_rng(8)
   correct = np.array([[True, False, True], [False, False, True]])
-  grid = figures.retrieval_grid(rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
-                                rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8), correct, cell=20)
-  assert grid.size == (4 * 20 + 10, 2 * 20)
-  frame_colours = [[grid.getpixel((20 + 10 + col * 20 + 1, row * 20 + 1)) for col in range(3)]
-                   for row in range(2)]
-  expected = [[figures._CORRECT if c else figures._WRONG for c in row] for row in correct]
-  assert frame_colours == expected
+  images = (rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+            rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8), correct)
+  grid = figures.retrieval_grid(*images, cell=20)
+  titled = figures.retrieval_grid(*images, cell=20, title="small_cnn + ms, step 200: nearest images")
+  for image, lines in ((grid, 1), (titled, 2)):  # A header of the title (if any) and the legend.
+    header = image.size[1] - 2 * 20
+    assert header == lines * figures._LINE + 6
+    frame_colours = [[image.getpixel((20 + 10 + col * 20 + 1, header + row * 20 + 1))
+                      for col in range(3)] for row in range(2)]
+    expected = [[figures._CORRECT if c else figures._WRONG for c in row] for row in correct]
+    assert frame_colours == expected
+    assert image.getpixel((1, header + 1)) == figures._QUERY
+    # The legend's colour swatches, in the header's last line.
+    band = np.asarray(image)[header - figures._LINE:header]
+    for _, colour in figures._LEGEND:
+      assert (band == colour).all(-1).any()
+  assert titled.size[0] > 4 * 20 + 10  # As wide as its title.
+  assert not (np.asarray(titled)[:figures._LINE] == 255).all()
   curve = figures.recall_curve((1, 2, 4), (0.2, 0.5, 0.9))
   ax, = curve.axes
   np.testing.assert_array_equal(ax.lines[0].get_ydata(), (0.2, 0.5, 0.9))
@@ -330,3 +341,15 @@ def test_comparison_figures_draw_each_run_mean_and_spread():
   ax, = bars.axes
   assert [p.get_height() for p in ax.patches] == pytest.approx([0.7, 0.6])
   assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+def test_comparison_figures_give_each_variant_its_own_colour_and_bars_start_at_zero():
+  names = [f"variant_{i}" for i in range(30)]
+  curves = figures.training_curves({n: ([0, 100], [0.5, 0.6], [0.01, 0.02]) for n in names},
+                                   metric="recall@1")
+  colours = {tuple(line.get_color()) for line in curves.axes[0].lines}
+  assert len(colours) == len(names)
+  bars = figures.final_bars({n: (0.8 + i / 1000, 0.01) for i, n in enumerate(names)},
+                            metric="recall@1")
+  assert bars.axes[0].get_ylim()[0] == 0.0
+  assert len({tuple(p.get_facecolor()) for p in bars.axes[0].patches}) == len(names)

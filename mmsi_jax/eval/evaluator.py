@@ -54,39 +54,57 @@ class Evaluator:
     config: the run's config (data.*, eval.*, seed).
     source: the split, images encoded (pipeline.load_split(..., decode_images=False)).
     figures_dir: where figures go (<figures_dir>/<name>_grid.png, _recall.png); None: no figures.
+    method: what is evaluated, named in the figures' titles (e.g. "small_cnn + multi_similarity").
+    write_image: also receives each figure, (tag, [H, W, 3] uint8, step) (e.g. TensorBoard's).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, source, figures_dir: Optional[str]):
+  def __init__(self, config: ml_collections.ConfigDict, source, figures_dir: Optional[str],
+               method: str = "", write_image: Optional[Callable] = None):
     self.config = config
     self.source = source
     self.figures_dir = figures_dir
+    self.method = method
+    self.write_image = write_image
     self.transform = transforms.test_transform(config.data)
 
-  def evaluate(self, embed: Callable, prefix: str, figures_name: Optional[str] = None) -> dict:
-    """Metrics keyed "<prefix>/<metric>": retrieval metrics, and NMI when config.eval.nmi; with
-    figures_name (and a figures_dir), also writes the retrieval grid and the Recall@K curve."""
+  def evaluate(self, embed: Callable, prefix: str, step: int, figures_name: Optional[str] = None,
+               method: Optional[str] = None) -> dict:
+    """Metrics keyed "<prefix>/<metric>": retrieval metrics, and NMI when config.eval.nmi; with a
+    figures_dir, also draws the retrieval grid and the Recall@K curve of `method` (default: the
+    evaluator's) after `step` steps, into <figures_dir>/<figures_name (default step_<step>)>_grid.png
+    and _recall.png."""
     config = self.config
     embeddings, labels = embed_split(embed, self.source, config.data.eval_batch_size, self.transform)
     ks = tuple(config.eval.ks)
     metrics = retrieval_metrics(embeddings, labels, ks=ks, chunk_size=config.eval.chunk_size)
     if config.eval.nmi:
       metrics["nmi"] = nmi(embeddings, labels, seed=config.seed)
-    if figures_name and self.figures_dir:
+    if self.figures_dir:
+      name = figures_name or f"step_{step:06d}"
+      split = f"{config.data.name}/{config.data.test_split}"
+      caption = ", ".join(p for p in (method or self.method, f"step {step}") if p)
+      curve = figures.recall_curve(ks, [metrics[f"recall@{k}"] for k in ks],
+                                   title=f"{caption}: Recall@K on {split}")
+      grid = self.retrieval_grid(embeddings, labels, title=f"{caption}: nearest images on {split}")
       os.makedirs(self.figures_dir, exist_ok=True)
-      path = os.path.join(self.figures_dir, figures_name)
-      figures.recall_curve(ks, [metrics[f"recall@{k}"] for k in ks],
-                           title=f"{prefix}: Recall@K").savefig(f"{path}_recall.png")
-      self.retrieval_grid(embeddings, labels).save(f"{path}_grid.png")
+      path = os.path.join(self.figures_dir, name)
+      curve.savefig(f"{path}_recall.png")
+      grid.save(f"{path}_grid.png")
+      if self.write_image:
+        self.write_image(f"{prefix}/retrieval_grid", np.asarray(grid), step)
+        self.write_image(f"{prefix}/recall_at_k",
+                         np.asarray(Image.open(f"{path}_recall.png").convert("RGB")), step)
     return {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("num_")}
 
   def raw_pixel_baseline(self, prefix: str = "baseline") -> dict:
     """The metrics of raw pixels (box-downsampled to config.eval.baseline_side)."""
     side = self.config.eval.baseline_side
-    return self.evaluate(lambda images: raw_pixels(images, side), prefix, prefix)
+    return self.evaluate(lambda images: raw_pixels(images, side), prefix, 0, figures_name=prefix,
+                         method=f"raw pixels ({side} px)")
 
-  def retrieval_grid(self, embeddings: np.ndarray, labels: np.ndarray) -> Image.Image:
+  def retrieval_grid(self, embeddings: np.ndarray, labels: np.ndarray, title: str = "") -> Image.Image:
     """The grid of config.eval.grid_queries queries spread over the split, each with its
-    config.eval.grid_results nearest other images, right (same label) or wrong."""
+    config.eval.grid_results nearest other images, right (same label) or wrong, under `title`."""
     config = self.config
     queries = np.linspace(0, len(labels) - 1, config.eval.grid_queries).astype(np.int64)
     _, neighbors = nearest_neighbors(embeddings[queries], embeddings, config.eval.grid_results,
@@ -96,4 +114,4 @@ class Evaluator:
       return np.stack([self.transform(self.source[int(i)]["image"]) for i in indices])
 
     return figures.retrieval_grid(images(queries), np.stack([images(row) for row in neighbors]),
-                                  labels[neighbors] == labels[queries, None])
+                                  labels[neighbors] == labels[queries, None], title=title)

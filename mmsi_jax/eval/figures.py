@@ -6,7 +6,7 @@ from typing import Sequence
 import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 _CORRECT = (40, 170, 60)
 _WRONG = (210, 40, 40)
@@ -14,19 +14,39 @@ _QUERY = (60, 90, 200)
 _BACKGROUND = (255, 255, 255)
 
 
+_LINE = 14  # Height in pixels of a line of text in the grid's header.
+_LEGEND = (("query", _QUERY), ("same class", _CORRECT), ("other class", _WRONG))
+
+
 def retrieval_grid(query_images: np.ndarray, result_images: np.ndarray, correct: np.ndarray, *,
-                   cell: int = 72, border: int = 4) -> Image.Image:
-  """One row per query: the query (blue frame), a gap, then its nearest results framed green when they
-  share the query's label and red otherwise.
+                   title: str = "", cell: int = 72, border: int = 4) -> Image.Image:
+  """A header (the title, then a legend of the frame colours) over one row per query: the query (blue
+  frame), a gap, then its nearest results framed green when they share the query's label and red
+  otherwise.
 
   Args:
     query_images: [Q, H, W, 3] uint8; result_images: [Q, R, H, W, 3] uint8, nearest first;
     correct: [Q, R] bool.
+    title: the header's first line (e.g. the run and the step); "": the legend alone.
     cell: side in pixels of each framed image; border: frame width.
   """
   num_queries, num_results = correct.shape
   gap = cell // 2
-  grid = Image.new("RGB", ((num_results + 1) * cell + gap, num_queries * cell), _BACKGROUND)
+  font = ImageFont.load_default()
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  legend_width = sum(_LINE + 4 + measure.textlength(name, font=font) + 12 for name, _ in _LEGEND)
+  header = _LINE * (2 if title else 1) + 6
+  width = max((num_results + 1) * cell + gap, int(legend_width) + 8,
+              int(measure.textlength(title, font=font)) + 8)
+  grid = Image.new("RGB", (width, header + num_queries * cell), _BACKGROUND)
+  draw = ImageDraw.Draw(grid)
+  if title:
+    draw.text((4, 3), title, fill=(0, 0, 0), font=font)
+  left, top = 4, header - _LINE - 1
+  for name, colour in _LEGEND:
+    draw.rectangle([left, top + 2, left + _LINE - 4, top + _LINE - 2], fill=colour)
+    draw.text((left + _LINE, top + 1), name, fill=(0, 0, 0), font=font)
+    left += _LINE + 4 + int(measure.textlength(name, font=font)) + 12
   inner = cell - 2 * border - 2
 
   def paste(image, colour, left, top):
@@ -35,10 +55,10 @@ def retrieval_grid(query_images: np.ndarray, result_images: np.ndarray, correct:
     grid.paste(resized, (left + border + 1, top + border + 1))
 
   for row in range(num_queries):
-    paste(query_images[row], _QUERY, 0, row * cell)
+    paste(query_images[row], _QUERY, 0, header + row * cell)
     for col in range(num_results):
       colour = _CORRECT if correct[row, col] else _WRONG
-      paste(result_images[row, col], colour, cell + gap + col * cell, row * cell)
+      paste(result_images[row, col], colour, cell + gap + col * cell, header + row * cell)
   return grid
 
 
@@ -94,7 +114,7 @@ def final_bars(finals: dict[str, tuple[float, float]], *, metric: str) -> Figure
     ax.annotate(f"{mean:.3f}", (i, mean + sd), textcoords="offset points", xytext=(0, 2), ha="center",
                 fontsize=7)
   ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-  ax.set_ylim(max(0.0, float(np.min(means - sds)) - 0.1), min(1.0, float(np.max(means + sds))) + 0.05)
+  ax.set_ylim(0.0, min(1.0, float(np.max(means + sds))) + 0.05)
   ax.set(ylabel=f"final test {metric}", title=f"Final {metric} (mean ± sd over seeds)")
   ax.grid(axis="y", alpha=0.3)
   figure.tight_layout()
@@ -106,9 +126,13 @@ def _colour(rgb: tuple) -> tuple:
 
 
 def _palette(n: int) -> list:
-  """n colours, tab20's dark ones first, then its light ones (neighbours then differ)."""
-  order = [*range(0, 20, 2), *range(1, 20, 2)]
-  return [matplotlib.colormaps["tab20"](order[i % 20]) for i in range(n)]
+  """n distinct colours: tab20's dark ones first, then its light ones (neighbours then differ); past 20,
+  tab20b's and tab20c's the same way; past 60, n hues evenly spaced."""
+  order = [(name, i) for name in ("tab20", "tab20b", "tab20c")
+           for i in (*range(0, 20, 2), *range(1, 20, 2))]
+  if n > len(order):
+    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+  return [matplotlib.colormaps[name](i) for name, i in order[:n]]
 
 
 def line_charts(panels: dict[str, dict[str, tuple]]) -> Figure:
