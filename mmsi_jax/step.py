@@ -25,7 +25,6 @@ from mmsi_jax import losses, mining, models, parallel, references
 from mmsi_jax.data import transforms
 from mmsi_jax.data.pipeline import EXTRA
 from mmsi_jax.losses.masked import masked_mean
-from mmsi_jax.mining.base import UPDATE
 from mmsi_jax.models import MODEL_PARAMS
 
 
@@ -71,7 +70,7 @@ class Components:
   @property
   def extra_batches(self) -> tuple:
     """The extra batches the miner asks the input pipeline for."""
-    return tuple(getattr(self.miner, "extra_batches", ()))
+    return () if self.miner is None else tuple(self.miner.extra_batches)
 
 
 def create_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -283,8 +282,10 @@ def make_train_step(components: Components, mesh=None, donate: bool = False) -> 
 
     objective = objective_of(components, references_state, state.step, pairs)
     (loss, metrics), weights = jax.value_and_grad(objective, has_aux=True)(sim)
+    # Every way a miner acts on the step (its protocol, mining/base.py): the multipliers, where they
+    # enter the loss, an auxiliary loss, and whether the update is applied.
     cotangent_of = multiplied_cotangent(objective, sim, weights,
-                                        getattr(miner, "multipliers_in_loss", False))
+                                        miner is not None and miner.multipliers_in_loss)
 
     metrics = {
         "train/loss": loss,
@@ -303,11 +304,10 @@ def make_train_step(components: Components, mesh=None, donate: bool = False) -> 
           extras={name: {"images": normalize(extra["images"]), "labels": extra["labels"]}
                   for name, extra in batch.get(EXTRA, {}).items()},
           learning_rate=components.schedule(state.step))
-      multipliers, miner_state, miner_metrics = miner.multipliers(state.miner, inputs)
+      multipliers, miner_state, miner_metrics, update = miner.multipliers(state.miner, inputs)
       metrics.update(miner_metrics)
-      update = miner_metrics.get(UPDATE)  # The miner may skip this step's update (mining/base.py).
     features_cotangent, auxiliary_grads = None, None
-    if getattr(miner, "auxiliary_loss", None) is not None:  # Added to the objective (mining/).
+    if miner is not None and miner.auxiliary_loss is not None:
       (auxiliary_loss, auxiliary_metrics), (auxiliary_grads, features_cotangent) = jax.value_and_grad(
           miner.auxiliary_loss, argnums=(0, 1), has_aux=True)(state.params, features, labels)
       metrics.update(auxiliary_metrics)
@@ -320,7 +320,7 @@ def make_train_step(components: Components, mesh=None, donate: bool = False) -> 
     params = optax.apply_updates(state.params, updates)
     if update is not None:  # Selected, not branched: see mining/mmsi.py on lax.cond on the CPU.
       params, opt_state, batch_stats = jax.tree.map(
-          lambda new, old: jnp.where(update > 0, new, old), (params, opt_state, batch_stats),
+          lambda new, old: jnp.where(update, new, old), (params, opt_state, batch_stats),
           (state.params, state.opt_state, state.batch_stats))
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)

@@ -215,13 +215,13 @@ def test_warm_up_uses_plain_weights_until_the_memory_covers_every_class():
                        losses.get_pair_loss("multi_similarity"), HPARAMS, num_classes=6)
     _, state = miner.init(jax.random.PRNGKey(0), embed_dim=3, feature_dim=48)
     multipliers = jax.jit(miner.multipliers)
-    m, state, metrics = multipliers(state, inputs)  # The batch holds classes 0-3 of 6.
+    m, state, metrics, _ = multipliers(state, inputs)  # The batch holds classes 0-3 of 6.
     assert metrics["mmsi/ready"] == 0 and np.all(m == 1)
     assert int(metrics["mmsi/covered_classes"]) == 0
     assert int(memory_lib.covered_classes(state.memory, 6)) == 4
-    m, state, metrics = multipliers(state, inputs._replace(labels=inputs.labels + 2))
+    m, state, metrics, _ = multipliers(state, inputs._replace(labels=inputs.labels + 2))
     assert metrics["mmsi/ready"] == 0  # Coverage is checked before this batch is enqueued.
-    m, state, metrics = multipliers(state, inputs)
+    m, state, metrics, _ = multipliers(state, inputs)
     assert metrics["mmsi/ready"] == 1 and not np.all(m == 1)
 
 

@@ -25,7 +25,6 @@ from configs import real_datasets
 from mmsi_jax import models, step
 from mmsi_jax.data import transforms
 from mmsi_jax.mining import memory as memory_lib
-from mmsi_jax.mining.base import UPDATE
 
 NUM_CLASSES = 100
 BATCH_LABELS = np.repeat(np.arange(4), 3)  # 4 classes x 3 images.
@@ -93,8 +92,8 @@ def build(config, dictionary, model=None, num_classes=NUM_CLASSES):
   real_multipliers = components.miner.multipliers
 
   def recording(miner_state, inputs):
-    m, miner_state, metrics = real_multipliers(miner_state, inputs)
-    return m, miner_state, {**metrics, "test/m": m}
+    mined = real_multipliers(miner_state, inputs)
+    return mined._replace(metrics={**mined.metrics, "test/m": mined.multipliers})
 
   object.__setattr__(components.miner, "multipliers", recording)
   return components, state, step.make_train_step(components)
@@ -237,7 +236,7 @@ def test_the_authors_setup_runs_the_authors_step(variant):
     expected, real_grads = authors_step(params, normalised(images), normalised(val_images),
                                         dictionary, d_size, config.loss.name, hparams, 1e-5)
     assert float(components.schedule(0)) == 1e-5  # The full rate from the first step.
-    assert metrics[UPDATE] == 1 and metrics["mmsi/fallback"] == 0
+    assert metrics["mmsi/update"] == 1 and metrics["mmsi/fallback"] == 0
     assert 3 <= np.count_nonzero(got) < got.size
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-8)
     # The real update: the gradient of the weighted loss, then Adam's first step with L2 decay.
@@ -285,17 +284,17 @@ def test_no_update_until_the_dictionary_holds_t_classes_nor_at_a_zero_meta_loss(
     # 94 classes after the batch is enqueued, T = 98: no update at all, the dictionary fills.
     few = {c: rows for c, rows in dictionary.items() if c < 94}
     kept, new_state, metrics = one_step(config, few, built=built)
-    assert kept and metrics[UPDATE] == 0 and metrics["mmsi/ready"] == 0
+    assert kept and metrics["mmsi/update"] == 0 and metrics["mmsi/ready"] == 0
     assert int(memory_lib.covered_classes(new_state.miner.memory, NUM_CLASSES)) == 94
     assert not one_step(authors_config("mmsi_contrastive", warmup_update="plain"), few)[0]
     assert not one_step(authors_config("mmsi_contrastive", min_classes=94), few)[0]
     # 96 classes before the batch, 98 after it: the count is taken after the enqueue.
     before = {c: rows for c, rows in dictionary.items() if c >= 4}
     kept, _, metrics = one_step(config, before, built=built)
-    assert not kept and metrics[UPDATE] == 1
+    assert not kept and metrics["mmsi/update"] == 1
     assert one_step(authors_config("mmsi_contrastive", enqueue="after"), before)[0]
     # MS with no validation class in the dictionary: a meta loss of exactly 0 skips the step.
     config = authors_config("mmsi_ms")
     kept, _, metrics = one_step(config, dictionary, np.arange(110, 120), num_classes=120)
     assert kept and metrics["mmsi/ready"] == 1 and metrics["mmsi/meta_loss"] == 0
-    assert metrics[UPDATE] == 0 and metrics["mmsi/fallbacks_total"] == 0
+    assert metrics["mmsi/update"] == 0 and metrics["mmsi/fallbacks_total"] == 0

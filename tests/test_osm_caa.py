@@ -106,7 +106,7 @@ def miner_multipliers(miner, x, labels, features, classifier, wrap=True):
       embeddings=jnp.asarray(x), pairs=pairs, weights=None, cotangent_of=None, sim_vjp=None,
       pairs_of=None, extras={},
       learning_rate=jnp.zeros(()))
-  multipliers, _, metrics = jax.jit(miner.multipliers)(None, inputs)
+  multipliers, _, metrics, _ = jax.jit(miner.multipliers)(None, inputs)
   return np.asarray(multipliers), metrics
 
 

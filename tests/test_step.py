@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import demo
-from mmsi_jax import losses, models, references, reporting, step, train
+from mmsi_jax import losses, mining, models, references, reporting, step, train
 from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.mining import MINERS
@@ -186,11 +186,12 @@ def test_mmsi_weights_the_pairs_of_xbms_memory_too(glyphs_dir, scope):
   real_multipliers = components.miner.multipliers
 
   def recording(miner_state, inputs):
-    m, miner_state, metrics = real_multipliers(miner_state, inputs)
+    mined = real_multipliers(miner_state, inputs)
+    m = mined.multipliers
     seen.append(m.shape)
     memory_columns = jnp.where(inputs.pairs.neg[:, 12:], m[:, 12:], jnp.nan)
     spread = jnp.nanmax(memory_columns) - jnp.nanmin(memory_columns)
-    return m, miner_state, {**metrics, "memory_spread": spread}
+    return mined._replace(metrics={**mined.metrics, "memory_spread": spread})
 
   object.__setattr__(components.miner, "multipliers", recording)
   for batch in demo_batches(glyphs_dir, config, 3, extra_batches=components.extra_batches):
@@ -266,9 +267,9 @@ def test_every_loss_trains_30_steps_on_the_demo_with_falling_loss(glyphs_dir, va
 # ---------------------------------------------------------------------------------------------------
 # A miner with no extra data; config checks by each component.
 
-class NegativesTwice:
-  """A test miner: doubles the weight of every negative pair; needs nothing but the batch."""
-  extra_batches = ()
+class NegativesTwice(mining.Miner):
+  """A test miner: doubles the weight of every negative pair; needs nothing but the batch (the
+  protocol's default capabilities)."""
 
   def __init__(self, model, pair_loss, hparams, num_classes, *, factor):
     del model, pair_loss, hparams, num_classes
@@ -280,7 +281,8 @@ class NegativesTwice:
 
   def multipliers(self, state, inputs):
     m = jnp.where(inputs.pairs.neg, self.factor, 1.0)
-    return m, {"calls": state["calls"] + 1}, {"twice/negative_weight": jnp.asarray(self.factor)}
+    return mining.MinerStep(m, {"calls": state["calls"] + 1},
+                            {"twice/negative_weight": jnp.asarray(self.factor)})
 
 
 def test_a_miner_without_extra_batches_trains_end_to_end(glyphs_dir, tmp_path):

@@ -2,34 +2,17 @@
 
 docs/ARCHITECTURE.md shows where they act in the step.
 
-A miner, found by name in `MINERS` (config `miner.name`, settings under `miner.<name>`), is an object
-with pure, jittable methods:
-
-  extra_batches                               the data it needs besides the PK batch, as
-                                              data.sampler.ExtraBatch requests (MMSI: a validation
-                                              batch); the input pipeline serves them every step, whole
-                                              on every device, in StepInputs.extras
-  init(rng, embed_dim, feature_dim) -> (params, state)
-                                              parameter groups it adds to TrainState.params (trained
-                                              by the model optimizer) and its own state, kept in
-                                              TrainState.miner; D and F of the embeddings and the
-                                              backbone features
-  multipliers(state, inputs) -> (m, state, metrics)
-                                              m [B, M] >= 0 for the step's pairs (StepInputs); with
-                                              the metric base.UPDATE it may keep the step from
-                                              updating the parameters (see base.py)
-  auxiliary_loss(params, features, labels) -> (loss, metrics)
-                                              optional (absent or None: none):
-                                              a loss of the parameters and of the batch's backbone
-                                              features [B, F] that the step adds to the objective,
-                                              its gradient reaching the backbone through the
-                                              features (OSM + CAA: its classifier's cross-entropy)
+A miner, found by name in `MINERS` (config `miner.name`, settings under `miner.<name>`), is a
+`base.Miner`: pure, jittable `init(rng, embed_dim, feature_dim) -> (params, state)` and
+`multipliers(state, inputs) -> MinerStep` (m [B, M] >= 0 for the step's pairs, its new state, metrics,
+and whether the step applies its update), and the capabilities `Miner` names with their defaults:
+`extra_batches`, `multipliers_in_loss`, `auxiliary_loss`.
 
 The step trains on L_m = sum_ij m_ij stop_gradient(W_ij) S_ij (+ the auxiliary loss), or, for a miner
-whose attribute `multipliers_in_loss` is true, on the loss with m passed inside it, L(S; m) (MMSI's
-authors' MS: m S in the exponents; losses.takes_multipliers). StepInputs.cotangent_of is that choice's
-dL_m/dS. "none" is no miner (m = 1: the loss's own gradient). Built with `build(config, model,
-pair_loss, hparams, num_classes)`.
+whose `multipliers_in_loss` is true, on the loss with m passed inside it, L(S; m) (MMSI's authors' MS:
+m S in the exponents; losses.takes_multipliers). StepInputs.cotangent_of is that choice's dL_m/dS.
+"none" is no miner (m = 1: the loss's own gradient). Built with `build(config, model, pair_loss,
+hparams, num_classes)`.
 """
 
 from typing import Callable, Optional
@@ -37,7 +20,7 @@ from typing import Callable, Optional
 import ml_collections
 
 from mmsi_jax.mining import memory
-from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.mining.base import Miner, MinerStep, StepInputs
 from mmsi_jax.mining.mmsi import MMSI
 from mmsi_jax.mining.osm_caa import OSMCAA
 from mmsi_jax.registry import Registry
@@ -62,4 +45,5 @@ def build(config: ml_collections.ConfigDict, model, pair_loss: Callable, hparams
                       model=model, pair_loss=pair_loss, hparams=hparams, num_classes=num_classes)
 
 
-__all__ = ["MINERS", "MMSI", "NONE", "OSMCAA", "StepInputs", "build", "memory", "names"]
+__all__ = ["MINERS", "MMSI", "Miner", "MinerStep", "NONE", "OSMCAA", "StepInputs", "build", "memory",
+           "names"]

@@ -1,17 +1,11 @@
-"""What the train step hands a miner, and what a miner may tell it back (the miner interface:
-mmsi_jax/mining/__init__.py)."""
+"""The miner protocol: what the train step hands a miner (`StepInputs`), what a miner hands back
+(`MinerStep`), and every way a miner can act on a step (`Miner`'s capabilities, with their defaults)."""
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
 from mmsi_jax import losses
-
-# A miner's metric that gates the step's update: when a miner's metrics hold it, the step applies its
-# update only where it is > 0 and otherwise keeps the parameters, the optimizer state and the BatchNorm
-# statistics as they were (the step is counted, and the references' and miner's states move on). A
-# miner that never skips an update leaves it out.
-UPDATE = "miner/update"
 
 
 class StepInputs(NamedTuple):
@@ -50,3 +44,51 @@ class StepInputs(NamedTuple):
   pairs_of: Callable
   extras: dict
   learning_rate: jax.Array
+
+
+class MinerStep(NamedTuple):
+  """What a miner's `multipliers` returns for one step.
+
+  Attributes:
+    multipliers: m [B, M] >= 0, the weights of the step's pairs.
+    state: the miner's new state.
+    metrics: scalars to log.
+    apply_update: a bool scalar, whether the step applies its update; where it is False the step keeps
+      the parameters, the optimizer state and the BatchNorm statistics as they were (the step is
+      counted, and the references' and the miner's states move on). None: always (the default).
+  """
+  multipliers: jax.Array
+  state: Any
+  metrics: dict
+  apply_update: Optional[jax.Array] = None
+
+
+class Miner:
+  """A miner: per-pair multipliers m [B, M] that re-weight a loss's pair gradients (mining/__init__.py).
+
+  A miner implements `init` and `multipliers`; the capabilities below are the other ways it may act on
+  a step, and their defaults are those of a miner that only weighs pairs. A miner with a capability
+  overrides its attribute (a class attribute, a property, or an attribute set in __init__).
+
+  Capabilities:
+    extra_batches: the data it needs besides the batch, as data.sampler.ExtraBatch requests (MMSI: a
+      validation batch); the input pipeline serves them every step in StepInputs.extras.
+    multipliers_in_loss: False: the update's cotangent is m * W (the unified form); True: m goes inside
+      the loss, grad_S L(S; m) (MMSI's authors' MS, losses.takes_multipliers).
+    auxiliary_loss: None, or (params, features [B, F], labels [B]) -> (loss, metrics), a loss that the
+      step adds to the objective, its gradient reaching the backbone through the features (OSM + CAA:
+      its classifiers' cross-entropy).
+  A miner may also keep the step from updating the parameters: `MinerStep.apply_update`.
+  """
+  extra_batches: tuple = ()
+  multipliers_in_loss: bool = False
+  auxiliary_loss: Optional[Callable] = None
+
+  def init(self, rng: jax.Array, embed_dim: int, feature_dim: int) -> tuple[dict, Any]:
+    """(parameter groups added to TrainState.params, trained by the model optimizer; the miner's state,
+    kept in TrainState.miner), given D of the embeddings and F of the backbone features."""
+    raise NotImplementedError
+
+  def multipliers(self, state: Any, inputs: StepInputs) -> MinerStep:
+    """The step's multipliers and the rest of `MinerStep`, from the miner's state and `inputs`."""
+    raise NotImplementedError

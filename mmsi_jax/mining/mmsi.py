@@ -36,7 +36,7 @@ the batch joins the dictionary before the meta loss), `meta_references` ("dictio
 batch against the dictionary only), `meta_mining` (False: the meta loss unmined), `warmup_update`
 ("none": no update until T classes are held, nor when the meta loss is exactly 0) and, for MS,
 `multipliers_in_loss` (True: m scales S inside MS's exponents, L(m S), instead of re-weighting dL/dS).
-A step without an update reports it to the train step through the metric `mining.base.UPDATE`.
+A step without an update says so to the train step (`MinerStep.apply_update`, mining/base.py).
 """
 
 import inspect
@@ -52,7 +52,7 @@ import optax
 from mmsi_jax import losses
 from mmsi_jax.data.sampler import ExtraBatch
 from mmsi_jax.mining import memory as memory_lib
-from mmsi_jax.mining.base import UPDATE, StepInputs
+from mmsi_jax.mining.base import Miner, MinerStep, StepInputs
 from mmsi_jax.models import HEAD, MODEL_PARAMS
 
 MODES = ("weighting_net", "l2rw")
@@ -104,8 +104,8 @@ def pair_features(pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
   return jnp.stack([sim, scaled_w, sign, jnp.where(valid, rank, 0.0)], axis=-1)
 
 
-class MMSI:
-  """The MMSI miner (the miner interface: mmsi_jax/mining/__init__.py), pure and jittable.
+class MMSI(Miner):
+  """The MMSI miner (the miner protocol: mmsi_jax/mining/base.py), pure and jittable.
 
   Args:
     model: the embedding model (features / embed methods, head parameters under "head").
@@ -175,7 +175,7 @@ class MMSI:
 
   @property
   def multipliers_in_loss(self) -> bool:
-    """Whether m goes inside the loss (read by the train step, mining/__init__.py)."""
+    """Whether m goes inside the loss (a capability of the miner protocol, mining/base.py)."""
     return self.config.multipliers_in_loss
 
   def init(self, rng: jax.Array, embed_dim: int, feature_dim: int):
@@ -321,11 +321,11 @@ class MMSI:
     return state.replace(memory=memory_lib.enqueue(state.memory, inputs.embeddings, inputs.labels))
 
   def multipliers(self, state: MMSIState, inputs: StepInputs):
-    """(m [B, M], new state with the batch enqueued, metrics) for one step.
+    """MinerStep(m [B, M], new state with the batch enqueued, metrics, apply_update) for one step.
 
-    With warmup_update "none" the metrics hold `UPDATE` (1: apply the step's update, 0: keep the
-    parameters, optimizer state and BatchNorm statistics): 0 before meta-weighting starts and when
-    the meta loss is exactly 0, as the authors' code skips those steps.
+    With warmup_update "none" the step's update is applied only once meta-weighting has started and
+    the meta loss is not exactly 0, as the authors' code skips those steps (apply_update, also logged
+    as `mmsi/update`); otherwise apply_update is None (always).
     """
     if self.config.enqueue == "before":  # The authors': the dictionary holds this batch already.
       state = self._enqueue(state, inputs)
@@ -352,7 +352,7 @@ class MMSI:
         "mmsi/covered_classes": memory_lib.covered_classes(state.memory, self.num_classes),
     }
     if skip_update:
-      metrics[UPDATE] = update.astype(jnp.float32)
+      metrics["mmsi/update"] = update.astype(jnp.float32)
     if self.config.enqueue == "after":
       state = self._enqueue(state, inputs)
-    return multipliers, state, metrics
+    return MinerStep(multipliers, state, metrics, update if skip_update else None)

@@ -35,7 +35,7 @@ reach the backbone through the features. The attention's p_i is the first group'
 import jax
 import jax.numpy as jnp
 
-from mmsi_jax.mining.base import StepInputs
+from mmsi_jax.mining.base import Miner, MinerStep, StepInputs
 from mmsi_jax.models.embedding import group_slices
 
 CLASSIFIER_PARAMS = "classifier"  # The classifiers' parameter group in TrainState.params.
@@ -84,8 +84,8 @@ def focused_cross_entropy(logits: jax.Array, labels: jax.Array, *, mean: float,
   return -jnp.sum(focus * own) / jnp.sum(focus)
 
 
-class OSMCAA:
-  """The OSM + CAA miner (the miner interface: mmsi_jax/mining/__init__.py), pure and jittable.
+class OSMCAA(Miner):
+  """The OSM + CAA miner (the miner protocol: mmsi_jax/mining/base.py), pure and jittable.
 
   Args:
     model: the embedding model; its `feature_groups` name the classifiers' inputs.
@@ -93,7 +93,6 @@ class OSMCAA:
     num_classes: C, the training classes: each classifier's outputs.
     The keyword-only settings are the `miner.osm_caa` config, documented in configs/default.py.
   """
-  extra_batches = ()
 
   def __init__(self, model, pair_loss, hparams, num_classes: int, *, pos_sigma: float, margin: float,
                set_weight: float, attention: bool, attention_sigma: float, classifier_weight: float,
@@ -116,8 +115,8 @@ class OSMCAA:
     self.classifier_weight = classifier_weight
     self.focus_mean, self.focus_sigma = classifier_focus_mean, classifier_focus_sigma
     self.scale = scale
-    # The step adds this auxiliary loss to the objective (mining/__init__.py); no classifier without
-    # attention.
+    # The miner's auxiliary loss, which the step adds to the objective (mining/base.py); no classifier
+    # without attention.
     self.auxiliary_loss = self.classifier_loss if attention else None
 
   def feature_groups(self, feature_dim: int) -> tuple[tuple[str, int], ...]:
@@ -170,7 +169,7 @@ class OSMCAA:
     return jax.lax.stop_gradient(gaussian(p, 1.0, self.attention_sigma))
 
   def multipliers(self, state, inputs: StepInputs):
-    """(m = w^ [B, B], state, metrics) for the batch's pairs (module docstring)."""
+    """MinerStep(m = w^ [B, B], state, metrics) for the batch's pairs (module docstring)."""
     pairs = inputs.pairs
     batch = inputs.labels.shape[0]
     if pairs.sim.shape != (batch, batch):
@@ -188,4 +187,4 @@ class OSMCAA:
       multipliers = multipliers * jnp.sum(pairs.pos | pairs.neg)
     metrics["osm_caa/active_negatives"] = (jnp.sum(pairs.neg & (raw > 0))
                                            / jnp.maximum(jnp.sum(pairs.neg), 1))
-    return jax.lax.stop_gradient(multipliers), state, metrics
+    return MinerStep(jax.lax.stop_gradient(multipliers), state, metrics)
