@@ -45,7 +45,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # a fixed permutation drawn with label_noise_seed, before the PK sampler groups them (0: clean).
   config.data.label_noise = 0.0
   config.data.label_noise_seed = 0
-  # Which examples make up a batch (mmsi_jax/data/batch_policy.py): "pk" (P classes x K images) or
+  # Which examples make up a batch (mmsi_jax/batch_policies): "pk" (P classes x K images) or
   # "smart_mining" (triplets mined from the model's embedding, refreshed every epoch; Harwood et al.,
   # ICCV 2017; with references.name="triplets" the loss sees exactly the mined triplets). The settings
   # of a policy are under its name.

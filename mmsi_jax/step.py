@@ -41,7 +41,7 @@ class TrainState:
     rng: PRNG key, advanced every step.
     references: the references component's state (e.g. XBM's memory), None when it has none.
     miner: the miner's state (e.g. MMSI's dictionary and weighting net), None without one.
-    batches: the batch policy's state (data/batch_policy.py; Smart Mining's batches of the current
+    batches: the batch policy's state (mmsi_jax/batch_policies; Smart Mining's batches of the current
       refresh period and its controller), None when it has none; the step passes it through.
   """
   step: jax.Array

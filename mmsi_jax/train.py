@@ -13,8 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmsi_jax import checkpointing, losses, mining, models, parallel, references, reporting, run_record
-from mmsi_jax.data import batch_policy, pipeline, sampler as sampler_lib, transforms
+from mmsi_jax import (batch_policies, checkpointing, losses, mining, models, parallel, references,
+                      reporting, run_record)
+from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
 from mmsi_jax.models import MODEL_PARAMS
 from mmsi_jax.step import build, create_train_state, make_train_step
@@ -84,15 +85,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(config.miner.name == mining.NONE or loss_kind == "pair",
           f"miner.name={config.miner.name!r} re-weights pair losses; loss.name={config.loss.name!r} is "
           f"a proxy loss: use miner.name='none' or a pair loss.")
-  require(config.data.batch_policy in batch_policy.BATCH_POLICIES,
+  require(config.data.batch_policy in batch_policies.BATCH_POLICIES,
           f"data.batch_policy={config.data.batch_policy!r} is not one of "
-          f"{batch_policy.BATCH_POLICIES.names()}.")
+          f"{batch_policies.BATCH_POLICIES.names()}.")
   stand_in_labels = np.arange(4096) % config.data.classes_per_batch
   policy = None
   try:
-    policy = batch_policy.build(config.data, stand_in_labels, seed=0, held_out_fraction=0.0,
-                                loss_fn=losses.registry_of(config.loss.name).get(config.loss.name),
-                                hparams=dict(config.loss.hparams))
+    policy = batch_policies.build(config.data, stand_in_labels, seed=0, held_out_fraction=0.0,
+                                  loss_fn=losses.registry_of(config.loss.name).get(config.loss.name),
+                                  hparams=dict(config.loss.hparams))
   except (ValueError, TypeError) as e:  # A wrong key or value; a missing setting.
     require(False, str(e))
   layout = getattr(references.REFERENCES.get(config.references.name), "batch_layout", policy.layout)
@@ -205,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_labels = pipeline.shuffled_labels(train_labels, data.label_noise, data.label_noise_seed)
     train_source = pipeline.RelabeledSource(train_source, train_labels)
   components = build(config, num_classes=int(train_labels.max()) + 1, model=model)
-  policy = batch_policy.build(
+  policy = batch_policies.build(
       data, train_labels, seed=config.seed,
       held_out_fraction=sampler_lib.held_out_fraction(components.extra_batches),
       loss_fn=components.loss_fn, hparams=components.hparams)

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from mmsi_jax import losses
-from mmsi_jax.data import smart_mining
+from mmsi_jax.batch_policies import controller, smart_mining
 from mmsi_jax.eval.retrieval import nearest_by_class
-from mmsi_jax.mining import controller
 from mmsi_jax.references.triplets import ACTIVE, TripletReferences, triplet_losses
 
 SETTINGS = dict(triplets_per_batch=6, refresh_every=0, start_epoch=1, mined_fraction=2 / 3,

@@ -2,7 +2,7 @@
 
     python -m mmsi_jax.bench smart_mining --json smart_mining.json
 
-A refresh (data/smart_mining.py) finds, for every sample of the training split, its `neighbors` nearest
+A refresh (batch_policies/smart_mining.py) finds, for every sample of the training split, its `neighbors` nearest
 samples of other classes and its nearest positive, exactly (eval/retrieval.py, blockwise on the device).
 The baseline gives the same lists with faiss-cpu (IndexFlatIP, exact): it searches k + the largest
 class's size - 1 nearest, drops the sample itself and its own class (which cannot hold more), and finds

@@ -1,6 +1,6 @@
 """A batch of triplets: each anchor is compared with its own positive and negative only.
 
-Batch policies with layout "triplets" (data/smart_mining.py) deliver the batch as consecutive
+Batch policies with layout "triplets" (batch_policies/smart_mining.py) deliver the batch as consecutive
 (anchor, positive, negative) rows: rows 3t, 3t + 1, 3t + 2 are triplet t. S is the batch against itself
 (differentiable in every row); the masks keep one positive pair (3t, 3t + 1) and one negative pair
 (3t, 3t + 2) per triplet, so a pair loss sees exactly the batch's triplets (Harwood et al., ICCV 2017,

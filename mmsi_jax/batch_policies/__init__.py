@@ -1,8 +1,10 @@
 """Batch policies: which training examples make up each step's batch, found by name.
 
-A policy (config `data.batch_policy`, settings under `data.<name>`) may depend on the model: it is
-refreshed, when due, with the current parameters, and between refreshes its batches are a pure
-function of (seed, step, the last refresh's state). Its state is part of the TrainState
+A batch policy is a method component, like a miner: it decides which examples the data layer
+(mmsi_jax/data, which knows no method) serves, and may read the model, the losses and the retrieval
+code to decide it. A policy (config `data.batch_policy`, settings under `data.<name>`) may depend on the
+model: it is refreshed, when due, with the current parameters, and between refreshes its batches are a
+pure function of (seed, step, the last refresh's state). Its state is part of the TrainState
 (`TrainState.batches`), so a checkpoint resumes it bit for bit. The train loop asks for the batches one
 refresh period at a time, so that prefetching never reads past a refresh.
 
@@ -22,7 +24,7 @@ Registered:
   pk            the sampler of `data.sampler` (data/sampler.py: P classes x K images, or P x K images
                 drawn at random): never refreshes, one period for the whole run
   smart_mining  T triplets mined from the embedding's nearest neighbours every epoch (Harwood et al.,
-                ICCV 2017; data/smart_mining.py)
+                ICCV 2017; batch_policies/smart_mining.py)
 """
 
 from typing import Callable
@@ -30,9 +32,9 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from mmsi_jax.batch_policies.smart_mining import SmartMiningPolicy
 from mmsi_jax.data import sampler as sampler_lib
 from mmsi_jax.data.sampler import PKSampler
-from mmsi_jax.data.smart_mining import SmartMiningPolicy
 from mmsi_jax.registry import Registry
 
 

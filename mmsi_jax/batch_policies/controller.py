@@ -1,6 +1,6 @@
 """Smart Mining's adaptive controller of the negative bound kappa (Harwood et al., ICCV 2017, sec. 3.3).
 
-A negative n of anchor a is valid when d^2(a, n) > kappa * d^2(a, p_NN) (data/smart_mining.py): a larger
+A negative n of anchor a is valid when d^2(a, n) > kappa * d^2(a, p_NN) (batch_policies/smart_mining.py): a larger
 kappa admits only easier negatives, so fewer of the triplets have a non-zero loss. The controller
 steers kappa so that e, the share of a batch's triplets with a non-zero loss, approaches a target e_t:
 

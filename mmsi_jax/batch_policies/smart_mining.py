@@ -22,7 +22,7 @@ batch the first round(mined_fraction * T) triplets are mined, the others random;
 anchor belongs to one of the first `start_epoch` epochs every triplet is random (no embedding, no
 search).
 
-kappa comes from the adaptive controller (mining/controller.py): after assembling a period's triplets
+kappa comes from the adaptive controller (batch_policies/controller.py): after assembling a period's triplets
 the policy measures e, the share of its mined triplets whose loss (the configured loss on the triplet
 alone) is non-zero at the refresh's embedding (a slot left without a valid negative counts as zero
 loss), and the controller sets the kappa of the next refresh.
@@ -39,9 +39,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from mmsi_jax.batch_policies import controller as controller_lib
 from mmsi_jax.data.sampler import ExtraSampler, class_members
 from mmsi_jax.eval.retrieval import nearest_by_class
-from mmsi_jax.mining import controller as controller_lib
 from mmsi_jax.references.triplets import TRIPLETS, triplet_losses
 
 KAPPA, ERROR, MINED = "batches/kappa", "batches/error", "batches/mined"  # The refresh's metrics.
