@@ -166,7 +166,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.miner.osm_caa.classifier_focus_mean = 0.5
   config.miner.osm_caa.classifier_focus_sigma = 0.18
   # "authors": the weights multiply the loss's mean over pairs (the 1/P of Caffe's loss); "pair_count":
-  # times the number of pairs, cancelling that 1/P (gradients of a plain loss's size).
+  # times the B (B - 1) = 2P ordered pairs that mean runs over, cancelling it: the step trains on
+  # sum_{i<j} w^_ij l_ij, 2P times the authors' loss (gradients of a plain loss's size).
   config.miner.osm_caa.scale = "authors"
 
   config.optim = ml_collections.ConfigDict()

@@ -25,8 +25,8 @@ Every method has a variant (`--config=configs/demo.py:VARIANT`), all under one p
   distance_contrastive, osm, osm_caa
                     the contrastive loss on distances (margin 1.2, mean over pairs) plain, with OSM's
                     soft pair weights, and with OSM + CAA (the classifier over the pooled features):
-                    the authors' weights, without the loss's 1/P (docs/METHODS.md). With 10% of the
-                    training labels shuffled: --config.data.label_noise=0.1
+                    the authors' weights, without the loss's mean (its 1/P and 1/2; docs/METHODS.md).
+                    With 10% of the training labels shuffled: --config.data.label_noise=0.1
   bn_inception_distance_contrastive, bn_inception_osm_caa, bn_inception_osm_caa_authors_layout,
   bn_inception_distance_contrastive_authors_layout
                     the OSM rows on a randomly initialised BN-Inception (64-d, 32 px): plain, OSM + CAA
@@ -158,7 +158,8 @@ def osm_config(config, attention):
   if attention is not None:
     config.miner.name = "osm_caa"
     config.miner.osm_caa.attention = attention
-    # With Adam and L2 decay in the gradient, the authors' 1/P (1/2,016 here) would leave the metric
-    # gradient far below the decay term (docs/METHODS.md, OSM + CAA): undo it.
+    # With Adam and L2 decay in the gradient, the authors' 1/P (with the 1/2 of their loss: 1/4,032
+    # here) would leave the metric gradient far below the decay term (docs/METHODS.md, OSM + CAA):
+    # undo it.
     config.miner.osm_caa.scale = "pair_count"
   return config

@@ -61,15 +61,42 @@ def np_pair_weights(x, labels, p, attention=True):
   return {(i, j): LAMBDA * w / (totals[labels[i] == labels[j]] + 1e-12) for (i, j), w in raw.items()}
 
 
+def np_pair_loss(x, labels, i, j):
+  """l_ij = d^2 (positive) or max(0, alpha - d)^2 (negative)."""
+  d = np.linalg.norm(x[i] - x[j])
+  return d ** 2 if labels[i] == labels[j] else max(0.0, MARGIN - d) ** 2
+
+
 def np_weighted_loss(x, labels, weights):
-  """sum_{i<j} w^_ij * 1/P * 1/2 l_ij, l = d^2 (positive) or max(0, alpha - d)^2, P = B (B - 1) / 2."""
+  """The authors': sum_{i<j} w^_ij * 1/P * 1/2 l_ij, P = B (B - 1) / 2."""
   num_pairs = len(x) * (len(x) - 1) / 2
-  total = 0.0
-  for (i, j), w in weights.items():
-    d = np.linalg.norm(x[i] - x[j])
-    l = d ** 2 if labels[i] == labels[j] else max(0.0, MARGIN - d) ** 2
-    total += w * 0.5 * l / num_pairs
-  return total
+  return sum(w * 0.5 * np_pair_loss(x, labels, i, j) / num_pairs for (i, j), w in weights.items())
+
+
+def np_pair_count_loss(x, labels, weights):
+  """Scale "pair_count": sum_{i<j} w^_ij l_ij, the weighted pair losses summed (no 1/P, no 1/2)."""
+  return sum(w * np_pair_loss(x, labels, i, j) for (i, j), w in weights.items())
+
+
+def check_step_gradient(x, labels, multipliers, np_loss):
+  """The step's weighted pair sum with `multipliers` has the gradient of np_loss(unit embeddings) at
+  1.3 x (NumPy central differences, float64)."""
+  def step_objective(raw):
+    e = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+    pairs = losses.build_pairs(e, jnp.asarray(labels))
+    weights = losses.pair_weights(losses.get_pair_loss("distance_contrastive"), pairs, margin=MARGIN)
+    return losses.weighted_pair_loss(pairs.sim, weights, jnp.asarray(multipliers))
+
+  raw = 1.3 * x
+  gradient = np.asarray(jax.jit(jax.grad(step_objective))(jnp.asarray(raw)))
+  numeric = np.zeros_like(raw)
+  eps = 1e-6
+  for index in np.ndindex(raw.shape):
+    up, down = raw.copy(), raw.copy()
+    up[index] += eps
+    down[index] -= eps
+    numeric[index] = (np_loss(unit(up)) - np_loss(unit(down))) / (2 * eps)
+  np.testing.assert_allclose(gradient, numeric, rtol=1e-6, atol=1e-10)
 
 
 def unit(v):
@@ -136,31 +163,21 @@ def test_weights_and_weighted_loss_match_numpy(case, attention):
       np.testing.assert_allclose(metrics["osm_caa/attention"],
                                  np.mean(np.exp(-(p - 1) ** 2 / (2 * ATTENTION_SIGMA ** 2))))
 
-    def step_objective(raw):
-      e = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
-      pairs = losses.build_pairs(e, jnp.asarray(labels))
-      weights = losses.pair_weights(losses.get_pair_loss("distance_contrastive"), pairs, margin=MARGIN)
-      return losses.weighted_pair_loss(pairs.sim, weights, jnp.asarray(multipliers))
-
-    raw = 1.3 * x
-    gradient = np.asarray(jax.jit(jax.grad(step_objective))(jnp.asarray(raw)))
-    numeric = np.zeros_like(raw)
-    eps = 1e-6
-    for index in np.ndindex(raw.shape):
-      up, down = raw.copy(), raw.copy()
-      up[index] += eps
-      down[index] -= eps
-      numeric[index] = (np_weighted_loss(unit(up), labels, expected)
-                        - np_weighted_loss(unit(down), labels, expected)) / (2 * eps)
-    np.testing.assert_allclose(gradient, numeric, rtol=1e-6, atol=1e-10)
+    check_step_gradient(x, labels, multipliers,
+                        lambda e: np_weighted_loss(e, labels, expected))
 
 
 def test_pair_count_scale_and_refusals():
+  """Scale "pair_count": m times the B (B - 1) = 2P ordered pairs the loss averages over, so that the
+  step trains on sum_{i<j} w^_ij l_ij, 2P times the authors' loss."""
   with jax.enable_x64(True):
     x, labels, features, classifier = problem("random")
     authors, _ = miner_multipliers(make_miner(5), x, labels, features, classifier)
     rescaled, _ = miner_multipliers(make_miner(5, scale="pair_count"), x, labels, features, classifier)
     np.testing.assert_allclose(rescaled, authors * len(x) * (len(x) - 1), rtol=1e-12)
+    p = np_own_probability(features, classifier["kernel"], classifier["bias"], labels)
+    weights = np_pair_weights(x, labels, p)
+    check_step_gradient(x, labels, rescaled, lambda e: np_pair_count_loss(e, labels, weights))
   miner = make_miner(5)
   pairs = losses.build_pairs(jnp.asarray(x), jnp.asarray(labels), ref_embeddings=jnp.asarray(x),
                              ref_labels=jnp.asarray(labels))

@@ -16,8 +16,9 @@ and the weights are constants of the step: the method trains on sum_{i<j} w^_ij 
 contrastive loss on distances (losses/distance_contrastive.py) with weights. Here they are the miner's
 multipliers m = w^ of that loss's pair weights W = dL/dS: the loss is the mean over the B (B - 1)
 entries of S, each unordered pair twice, so sum_ij m_ij W_ij dS_ij is exactly the authors' gradient
-(scale "authors"). Scale "pair_count" multiplies m by the number of pairs, cancelling the loss's 1/P:
-each set's pair losses are then averaged with the weights w^ / lambda, times 2 lambda.
+(scale "authors"). Scale "pair_count" multiplies m by the number of entries the loss averages over,
+N = B (B - 1) = 2P ordered pairs, cancelling its mean: the step trains on sum_{i<j} w^_ij l_ij, 2P
+times the authors' loss (each set's pair losses averaged with the weights w^ / lambda, times lambda).
 
 The classifier (with attention on) is a head of this miner, trained by the model optimizer on the
 auxiliary loss that the train step adds to the objective: one linear softmax classifier per feature
