@@ -140,7 +140,7 @@ class SmartMiningPolicy:
     adaptive: kappa from the controller (True) or fixed at `kappa`.
     kappa: the initial (or fixed) bound factor; the paper starts it large.
     target_error: e_t, the controller's target share of triplets with a non-zero loss.
-    window, step_gain, kappa_range: the controller's (mining/controller.py).
+    window, step_gain, kappa_range: the controller's (batch_policies/controller.py).
     chunk_size: the side of a block of the exact neighbour search.
   """
   layout = TRIPLETS

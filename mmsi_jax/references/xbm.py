@@ -10,8 +10,9 @@ enqueued, so the memory fills over size / B steps after it, as in the authors' c
 two blocks of one S = [batch | memory] [B, B + size], so a miner's multipliers cover both.
 
 Where this differs from the official code (docs/METHODS.md): the buffer is an exact FIFO, also when a
-batch wraps around its end (the official one overwrites from slot 0 and drops the batch's tail), and
-"is the memory full" is the count of written rows (the official test reads label 0 as an empty slot).
+batch wraps around its end (when a batch does not fit before the end, the official one writes the whole
+batch into the last B slots, over the newest rows, and restarts at slot 0), and "is the memory full" is
+the count of written rows (the official test reads label 0 as an empty slot).
 """
 
 import jax
