@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmsi_jax import losses, train
+from configs import real_datasets
+from mmsi_jax import losses, step, train
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references import memvir as memvir_lib
 from tests.test_every_loss import reference, unit
@@ -166,3 +167,40 @@ def test_a_run_whose_queues_exceed_the_budget_stops_before_the_first_step(glyphs
                                        r"0.00 GB, over references.memvir.max_memory_gb=1e-05"):
     train.train_and_evaluate(config, str(workdir))
   assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real-dataset schedule against MemVir's main.py.
+
+def np_memvir_learning_rates(images, epochs, decay_step, decay_stop, learning_rate=1e-4, batch=128,
+                             decay_rate=0.1):
+  """The rate of every step of MemVir's main.py: a loader without drop_last (ceil(images / batch)
+  steps an epoch), and adjust_learning_rate at the start of each epoch e = 1, 2, ...: times decay_rate
+  where e % decay_step == 0 and e <= decay_stop."""
+  steps_per_epoch = len(range(0, images, batch))
+  rates = []
+  for epoch in range(1, epochs + 1):
+    if epoch % decay_step == 0 and epoch <= decay_stop:
+      learning_rate *= decay_rate
+    rates += [learning_rate] * steps_per_epoch
+  return np.array(rates), steps_per_epoch
+
+
+@pytest.mark.parametrize("dataset,images", [("cub200", 5_864), ("cars196", 8_054)])
+@pytest.mark.parametrize("variant,epochs,decay_epoch", [("proxy_nca", 130, 50),
+                                                        ("memvir_proxy_nca", 2_000, 2_000)])
+def test_real_dataset_schedules_count_epochs_as_the_authors(dataset, images, variant, epochs,
+                                                            decay_epoch):
+  """The README's ProxyNCA runs: the baseline with decay_step = decay_stop = 50, MemVir with 2,000 (the
+  last epoch at 0.1x) and its virtual classes after 40 epochs; the config's schedule, inside jit in
+  float64, gives NumPy's rate at every step."""
+  config = real_datasets.get_config(dataset, variant)
+  assert config.loss.hparams.own_proxy_in_denominator  # MemVir's ProxyNCA: a softmax over all proxies.
+  expected, steps_per_epoch = np_memvir_learning_rates(images, epochs, decay_epoch, decay_epoch)
+  assert config.train.num_steps == len(expected)
+  if variant.startswith("memvir"):
+    assert config.references.memvir.warmup_steps == 40 * steps_per_epoch
+  with jax.enable_x64(True):
+    schedule = step.create_schedule(config.optim, config.train.num_steps)
+    rates = jax.jit(jax.vmap(schedule))(jnp.arange(len(expected)))
+  np.testing.assert_allclose(rates, expected, rtol=1e-6)
