@@ -52,7 +52,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.batch_policy = "pk"
   config.data.smart_mining = ml_collections.ConfigDict()  # Smart Mining (docs/METHODS.md).
   config.data.smart_mining.triplets_per_batch = 21  # T; a batch is 3T images (anchor, pos., neg.).
-  config.data.smart_mining.refresh_every = 0  # Steps between re-embeddings of the split; 0: an epoch.
+  # Steps between re-embeddings of the split; 0: an epoch, ceil(A / T) steps for the A anchors.
+  config.data.smart_mining.refresh_every = 0
   config.data.smart_mining.start_epoch = 2  # Random triplets only in the first epochs (the paper: 2).
   config.data.smart_mining.mined_fraction = 1.0  # Share of each batch mined (the paper: 0.5 to 1).
   config.data.smart_mining.neighbors = 64  # k: each sample's list of nearest other-class samples.
@@ -76,8 +77,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
 
   config.loss = ml_collections.ConfigDict()
-  # A pair loss (binomial_deviance, contrastive, lifted_structure, multi_similarity, ntxent, triplet)
-  # or a proxy loss (arcface, cosface, norm_softmax, proxy_anchor, proxy_nca) of mmsi_jax.losses.
+  # A pair loss (binomial_deviance, contrastive, distance_contrastive, global_loss, lifted_structure,
+  # multi_similarity, ntxent, ratio_triplet, ratio_triplet_global, triplet) or a proxy loss (arcface,
+  # cosface, norm_softmax, proxy_anchor, proxy_nca) of mmsi_jax.losses.
   config.loss.name = "multi_similarity"
   config.loss.hparams = ml_collections.ConfigDict()  # Keyword arguments of the loss.
   config.loss.hparams.alpha = 2.0  # MS positive scale.
@@ -85,6 +87,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.loss.hparams.base = 0.5  # MS similarity margin lambda.
   config.loss.hparams.epsilon = 0.1  # MS miner margin.
   config.loss.hparams.prefactor = 1.0  # MS prefactor c of c/alpha and c/beta (MMSI authors' code: 2).
+  # Other losses take their own keywords here (their docstrings), e.g. proxy_nca's scale and
+  # own_proxy_in_denominator (False: the paper's softmax over the other classes; True: over every
+  # class, MemVir's code).
 
   # What the batch is compared with: the columns of S (mmsi_jax/references). A pair loss takes "batch"
   # or "xbm", a proxy loss "proxies". The settings of each component are under its name.
