@@ -48,8 +48,9 @@ def ratio_triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: flo
 
     L = (sum J + sum_ij G_ij (S_ij - stop_gradient(S_ij))) / (number of triplets),
 
-  whose value and gradient are those of the mean of J (its second derivatives are not: nothing
-  differentiates a loss twice). O(B M) memory, O(B M x positives per anchor) time.
+  whose value and gradient are those of the mean of J (its second derivatives are not; the step uses
+  the first only, and MMSI's meta-gradient differentiates m * W in m, not W). O(B M) memory,
+  O(B M x positives per anchor) time.
 
   Args:
     sim: [B, M] similarities; pos, neg: [B, M] bool masks (see `pairs.build_pairs`).
