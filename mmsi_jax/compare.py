@@ -20,7 +20,6 @@ final_recall_at_1.png (final Recall@1, +-sd error bars) at the end.
 import contextlib
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -33,11 +32,11 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
+from mmsi_jax import config_cli
 from mmsi_jax import main as main_lib
-from mmsi_jax import mining, references, reporting
+from mmsi_jax import mining, references, reporting, run_record
 from mmsi_jax.eval import figures
 
 # --config (the file, without a variant, and its --config.a.b=value overrides for every run) and
@@ -107,41 +106,43 @@ class Run:
     return sum(r["seconds"] for r in intervals) / steps if steps else None
 
 
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def config_overrides(argv: list[str]) -> list[str]:
   """The --config.a.b=value arguments, passed on verbatim to every run."""
-  overrides = [a for a in argv if a.startswith("--config.")]
-  for override in overrides:
-    if "=" not in override:
-      raise app.UsageError(f"Write {override} as {override}=VALUE.")
-    if override.split("=", 1)[0] == "--config.seed":
-      raise app.UsageError("Choose seeds with --seeds=0,1,2, not --config.seed.")
+  try:
+    _, overrides = config_cli.split_arguments(argv)
+  except config_cli.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  if any(override.split("=", 1)[0] == "--config.seed" for override in overrides):
+    raise app.UsageError("Choose seeds with --seeds=0,1,2, not --config.seed.")
   return overrides
 
 
-def variant_config(module, variant: str, overridden: ml_collections.ConfigDict, overrides: list[str],
+def variant_config(config_path: str, variant: str, overrides: list[str],
                    seed: int) -> ml_collections.ConfigDict:
-  """The config a run of `variant` trains with: the variant's, then each override's parsed value (the
-  same on every variant: `overridden` is the config with the overrides applied), then the seed."""
-  config = module.get_config(variant)
+  """The config a run of `variant` trains with, as its `mmsi_jax.main` process makes it: the variant's,
+  the overrides applied by the same rules (config_cli), then the seed."""
+  try:
+    config, _ = config_cli.resolve(f"{config_path}:{variant}", overrides)
+  except config_cli.ConfigError as e:
+    raise app.UsageError(f"{variant}: {e}") from None
   with config.unlocked():
-    for override in overrides:
-      keys = override.split("=", 1)[0].removeprefix("--config.").split(".")
-      value = overridden
-      for key in keys:
-        value = value[key]
-      parent = config
-      for key in keys[:-1]:
-        parent = parent[key]
-      parent[keys[-1]] = value
     config.seed = seed
   return config
+
+
+def made_otherwise(runs: list["Run"], also: tuple[str, ...] = ()) -> list[str]:
+  """"<workdir>:" and its differing keys, for each run whose workdir holds a run made with another
+  config than the run's (run_record.py): the keys that stop a resume, and those of `also`."""
+  found = []
+  for run in runs:
+    recorded = run_record.recorded_config(run.workdir)
+    if recorded is None:
+      continue
+    changes = [c for c in run_record.differences(recorded, run.config)
+               if c[0] in also or not run_record.is_resumable(c[0])]
+    if changes:
+      found.append(f"{run.workdir}:\n{run_record.describe(changes)}")
+  return found
 
 
 def plain_counterpart(config: ml_collections.ConfigDict, configs: dict[str, ml_collections.ConfigDict]
@@ -390,7 +391,10 @@ def select_variants(config_path: str, requested: list[str]) -> tuple[Any, list[s
   if ":" in config_path:
     raise app.UsageError(f"--config={config_path}: pass the config file alone and choose variants with "
                          f"--variants.")
-  module = load_config_module(config_path)
+  try:
+    module = config_cli.load_module(config_path)
+  except config_cli.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   listed = [v for v in getattr(module, "VARIANTS", ()) if v]
   variants = requested or listed
   if not variants:
@@ -403,21 +407,31 @@ def select_variants(config_path: str, requested: list[str]) -> tuple[Any, list[s
 
 
 def main(argv: list[str]) -> None:
-  overrides = config_overrides(sys.argv[1:])  # absl consumed them from argv.
-  unexpected = argv[1:]
+  unexpected, _ = config_cli.split_arguments(argv[1:])
   if unexpected:
     raise app.UsageError(f"Unexpected arguments: {unexpected}")
-  config_path = config_flags.get_config_filename(FLAGS["config"])
-  module, variants = select_variants(config_path, _VARIANTS.value)
+  overrides = config_overrides(argv[1:])  # main_lib.parse_flags returns them after the others.
+  config_path = FLAGS.config
+  _, variants = select_variants(config_path, _VARIANTS.value)
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
     raise app.UsageError(f"--seeds must be integers, e.g. 0,1,2; got {_SEEDS.value}.") from None
   workdir = FLAGS.workdir
-  configs = {v: variant_config(module, v, FLAGS.config, overrides, seeds[0]) for v in variants}
+  configs = {v: variant_config(config_path, v, overrides, seeds[0]) for v in variants}
   runs = [Run(v, seed, os.path.join(workdir, v, f"seed_{seed}"),
-              variant_config(module, v, FLAGS.config, overrides, seed))
+              variant_config(config_path, v, overrides, seed))
           for seed in seeds for v in variants]  # Seed by seed: an early stop still covers each variant.
+  # A run resumes with more steps; a table reads a run as finished at its own last step.
+  otherwise = made_otherwise(runs, also=() if _RUN.value else ("train.num_steps",))
+  if otherwise:
+    message = (f"{len(otherwise)} of the runs in {workdir} were made with another config than this "
+               f"command gives them (the values there, then here):\n" + "\n".join(otherwise[:5])
+               + ("\n..." if len(otherwise) > 5 else "") + "\nPass the --config.* overrides they were "
+               "made with, or another --workdir.")
+    if _RUN.value:
+      sys.exit(f"Error: {message}")
+    print(f"Warning: {message} Until then they are not counted as finished.", flush=True)
   todo = [r for r in runs if r.final_metrics() is None]
   platform, count = local_devices()
   slots = device_slots(platform, count, _DEVICES_PER_RUN.value, _PARALLEL.value)

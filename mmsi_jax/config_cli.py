@@ -28,8 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
-from mmsi_jax import losses, mining, models, references
-from mmsi_jax.data import batch_policy
+from mmsi_jax import batch_policies, losses, mining, models, references
 from mmsi_jax.registry import Registry
 
 
@@ -66,8 +65,8 @@ COMPONENTS = (
                   lambda name: f"miner.{name}",
                   context=("model", "pair_loss", "hparams", "num_classes")),
     ComponentKind("data.batch_policy",
-                  lambda name: batch_policy.BATCH_POLICIES if name in batch_policy.BATCH_POLICIES
-                  else None,
+                  lambda name: (batch_policies.BATCH_POLICIES if name in batch_policies.BATCH_POLICIES
+                                else None),
                   lambda name: f"data.{name}",
                   context=("labels", "classes_per_batch", "samples_per_class", "seed",
                            "held_out_fraction", "loss_fn", "hparams", "sampler")),
@@ -86,16 +85,25 @@ ALIASES = {
 }
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """The config of `spec`, "path/to/file.py" or "path/to/file.py:VARIANT": the file's get_config()."""
-  path, _, variant = spec.partition(":")
+def load_module(path: str):
+  """The config file at `path` as a module (its get_config, and VARIANTS where it lists them)."""
   if not os.path.isfile(path):
-    raise ConfigError(f"--config={spec}: no config file {path!r} (e.g. --config=configs/demo.py).")
+    raise ConfigError(f"--config={path}: no such config file (e.g. --config=configs/demo.py).")
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
+  except Exception as e:  # The file's own error: its message, no traceback.
+    raise ConfigError(f"--config={path}: {type(e).__name__}: {e}") from e
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of `spec`, "path/to/file.py" or "path/to/file.py:VARIANT": the file's get_config()."""
+  path, _, variant = spec.partition(":")
+  module = load_module(path)
+  try:
     config = module.get_config(variant) if variant else module.get_config()
   except Exception as e:  # The file's own error, e.g. an unknown variant: its message, no traceback.
     raise ConfigError(f"--config={spec}: {type(e).__name__}: {e}") from e

@@ -104,15 +104,28 @@ def test_a_rerun_does_no_work_and_a_killed_run_resumes_to_the_same_result(compar
   assert reporting.read_metrics(run_dir) == finished_records
   assert compare.Run("ms", 1, run_dir, None).status()["attempts"] == 2
 
+  # Runs made with other settings than the command's: a table says so, a run stops before any work.
+  table = run_compare(workdir, glyphs_dir, "--variants=ms", "--norun", "--config.train.num_steps=6")
+  assert table.returncode == 0, table.stderr
+  assert "2 of the runs" in table.stdout and "train.num_steps: 4 in the run, 6 now" in table.stdout
+  refused = run_compare(workdir, glyphs_dir, "--variants=ms", "--config.loss.hparams.alpha=3")
+  assert refused.returncode == 1 and "loss.hparams.alpha: 2.0 in the run, 3.0 now" in refused.stderr
+  assert "start " not in refused.stdout
+  assert reporting.read_metrics(run_dir) == finished_records
 
-def test_overrides_apply_to_every_variant_as_parsed():
-  overridden = demo.get_config()  # What absl parsed: the default variant with the overrides.
-  overridden.train.num_steps = 5
-  overridden.model.widths = (8, 8)
+
+def test_overrides_apply_to_every_variant_as_its_run_parses_them():
   overrides = ["--config.train.num_steps=5", "--config.model.widths=(8,8)"]
-  config = compare.variant_config(demo, "mmsi_ms", overridden, overrides, seed=2)
+  config = compare.variant_config("configs/demo.py", "mmsi_ms", overrides, seed=2)
   assert config.train.num_steps == 5 and tuple(config.model.widths) == (8, 8) and config.seed == 2
   assert config.miner.name == "mmsi" and config.miner.mmsi.memory_size == 5  # The variant's own.
+  # A component chosen by name starts from its own defaults in every variant, as in mmsi_jax.main.
+  switched = ["--config.loss.name=triplet", "--config.loss.hparams.margin=0.3"]
+  for variant in ("ms", "contrastive", "mmsi_ms"):
+    config = compare.variant_config("configs/demo.py", variant, switched, seed=0)
+    assert dict(config.loss.hparams) == {"margin": 0.3}
+  with pytest.raises(app.UsageError, match="ms: .*loss.hparams.alpah.*did you mean --config.loss.hparams.alpha"):
+    compare.variant_config("configs/demo.py", "ms", ["--config.loss.hparams.alpah=1"], seed=0)
 
 
 def test_each_variant_is_timed_against_its_plain_loss():
