@@ -2,6 +2,8 @@
 one compilation cache for the session (its processes and their subprocesses), so that a program that
 several tests compile alike (e.g. a run and its resumed copy) compiles once."""
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -13,10 +15,18 @@ from mmsi_jax.data import pipeline
 
 
 @pytest.fixture(scope="session")
-def glyphs_dir(tmp_path_factory):
+def glyphs_build(tmp_path_factory):
+  """(data_dir, what preparing it printed)."""
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  pipeline.prepare("glyphs", data_dir)
-  return data_dir
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    pipeline.prepare("glyphs", data_dir)
+  return data_dir, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def glyphs_dir(glyphs_build):
+  return glyphs_build[0]
 
 
 _OWN_CACHE = []  # The cache directory this session made (removed at its end), if any.

@@ -47,6 +47,14 @@ def test_generation_is_deterministic():
   assert not np.array_equal(first[0], first[1])  # Images of one class differ.
 
 
+def test_the_built_in_dataset_is_said_to_be_generated_not_downloaded(glyphs_build):
+  data_dir, printed = glyphs_build
+  assert printed.splitlines() == [
+      f"Preparing dataset glyphs in {data_dir}, generated here, nothing downloaded (once; later runs "
+      "reuse it).",
+      f"Dataset glyphs ready in {data_dir}/glyphs/1.0.0 (train 2,400, test 2,400 images)."], printed
+
+
 def test_prepare_is_idempotent_and_missing_data_is_a_clear_error(glyphs_dir, tmp_path):
   pipeline.prepare("glyphs", glyphs_dir)  # Already built: nothing to do.
   with pytest.raises(FileNotFoundError, match="not prepared"):

@@ -1,6 +1,8 @@
 """The CUB-200-2011, Cars196 and SOP builders on fake archives in the official layouts: contents, labels,
 original bytes, the corrupt image, a missing archive, an incomplete archive and a half-finished build."""
 
+import contextlib
+import io
 import logging
 import os
 
@@ -13,7 +15,8 @@ from tests import fake_archives
 
 @pytest.fixture(scope="module", params=sorted(fake_archives.MAKERS))
 def built(request, tmp_path_factory):
-  """(name, fake dataset, data_dir, prepare's summary, captured warnings) for each dataset, built once."""
+  """(name, fake dataset, data_dir, prepare's summary, captured log messages, printed text) for each
+  dataset, built once."""
   name = request.param
   manual_dir = str(tmp_path_factory.mktemp(f"{name}_manual"))
   data_dir = str(tmp_path_factory.mktemp(f"{name}_tfds"))
@@ -22,15 +25,17 @@ def built(request, tmp_path_factory):
   handler = logging.Handler()
   handler.emit = records.append
   logging.getLogger().addHandler(handler)
+  printed = io.StringIO()
   try:
-    summary = pipeline.prepare(name, data_dir, manual_dir)
+    with contextlib.redirect_stdout(printed):
+      summary = pipeline.prepare(name, data_dir, manual_dir)
   finally:
     logging.getLogger().removeHandler(handler)
-  return name, fake, data_dir, summary, [r.getMessage() for r in records]
+  return name, fake, data_dir, summary, [r.getMessage() for r in records], printed.getvalue()
 
 
 def test_every_listed_image_is_written_with_its_original_bytes_and_labels(built):
-  name, fake, data_dir, _, _ = built
+  name, fake, data_dir, _, _, _ = built
   for split, expected in fake.expected.items():
     source = pipeline.load_split(name, split, data_dir, decode_images=False)
     records = {r["file_name"].decode() if isinstance(r["file_name"], bytes) else r["file_name"]: r
@@ -45,7 +50,7 @@ def test_every_listed_image_is_written_with_its_original_bytes_and_labels(built)
 
 
 def test_decoded_images_are_hwc_uint8_rgb(built):
-  name, fake, data_dir, _, _ = built
+  name, fake, data_dir, _, _, _ = built
   source = pipeline.load_split(name, "test", data_dir)
   example = source[0]
   assert example["image"].dtype == np.uint8 and example["image"].ndim == 3
@@ -55,7 +60,7 @@ def test_decoded_images_are_hwc_uint8_rgb(built):
 
 
 def test_corrupt_image_is_reported_skipped_and_counted(built):
-  name, fake, _, summary, warnings = built
+  name, fake, _, summary, warnings, _ = built
   assert {split: report["images"] for split, report in summary.items()} == {
       split: len(expected) for split, expected in fake.expected.items()}
   assert summary["test"]["corrupt"] == [fake.corrupt]
@@ -64,8 +69,17 @@ def test_corrupt_image_is_reported_skipped_and_counted(built):
 
 
 def test_totals_different_from_the_published_ones_are_warned(built):
-  name, _, _, _, warnings = built
+  name, _, _, _, warnings, _ = built
   assert sum("the published split has" in w for w in warnings) == 2, warnings
+
+
+def test_preparing_says_what_it_reads_and_what_it_wrote_and_nothing_of_downloads(built):
+  name, fake, data_dir, _, warnings, printed = built
+  assert f"Preparing dataset {name} in {data_dir}, from the archives in " in printed, printed
+  sizes = ", ".join(f"{split} {len(expected):,}" for split, expected in fake.expected.items())
+  assert f"({sizes} images)" in printed, printed
+  assert "download" not in printed.lower(), printed  # TFDS's lines size a download that never was.
+  assert not any("dataset_info.json" in w for w in warnings), warnings
 
 
 def test_missing_archive_names_expected_files_sizes_and_directory(tmp_path, capsys):
@@ -99,7 +113,7 @@ def test_half_finished_build_is_never_read_and_is_redone(tmp_path):
 
 
 def test_prepare_command_prints_the_summary(built, capsys):
-  name, fake, data_dir, _, _ = built
+  name, fake, data_dir, _, _, _ = built
   assert prepare.main([f"--dataset={name}", f"--manual_dir={fake.manual_dir}",
                        f"--data_dir={data_dir}"]) == 0
   out = capsys.readouterr().out

@@ -16,7 +16,10 @@ example's augmentation depends only on (seed, step, its row in the global batch)
 put together are exactly the batch that one host would prepare.
 """
 
+import contextlib
 import functools
+import io
+import logging
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import flags
@@ -54,19 +57,48 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None) -> dict:
 
   Returns {split: {"images": N, "corrupt": [file names skipped]}} of the prepared dataset.
   """
-  builder = _builder(name, data_dir)
-  if not builder.is_prepared():
+  with _tfds_quiet():
+    builder = _builder(name, data_dir)
+    prepared = builder.is_prepared()
+  if not prepared:
     check_archives = getattr(builder, "check_archives", None)
     if check_archives:
       check_archives(manual_dir)
-    print(f"Preparing dataset {name} in {data_dir} (once; later runs reuse it).", flush=True)
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    source = (f"from the archives in {manual_dir}" if check_archives
+              else "generated here, nothing downloaded")
+    print(f"Preparing dataset {name} in {data_dir}, {source} (once; later runs reuse it).",
+          flush=True)
+    with _tfds_quiet():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     builder = _builder(name, data_dir)
+    sizes = ", ".join(f"{split} {info.num_examples:,}" for split, info in builder.info.splits.items())
+    print(f"Dataset {name} ready in {builder.data_dir} ({sizes} images).", flush=True)
   metadata = builder.info.metadata or {}
   return {split: {"images": info.num_examples, "corrupt": list(metadata.get(f"{split}_corrupt", []))}
           for split, info in builder.info.splits.items()}
+
+
+class _DropUnfinishedVariantWarning(logging.Filter):
+  """TFDS warns of a dataset folder without dataset_info.json while it is being written."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _tfds_quiet():
+  """TFDS's own progress lines (sized as a download, even for a generated dataset) left out; the
+  caller reports what it builds. Errors still raise."""
+  tfds.disable_progress_bar()
+  absl_logger = logging.getLogger("absl")
+  warning_filter = _DropUnfinishedVariantWarning()
+  absl_logger.addFilter(warning_filter)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.removeFilter(warning_filter)
 
 
 class DecodedSource:
@@ -91,8 +123,10 @@ class DecodedSource:
 def load_split(name: str, split: str, data_dir: str, *, decode_images: bool = True):
   """Random-access source of split `split`: examples with "image" (HWC uint8 RGB, or the encoded bytes
   when decode_images is False), "label" (int, 0-based within the split), "class_id" and "file_name"."""
-  builder = _builder(name, data_dir)
-  if not builder.is_prepared():
+  with _tfds_quiet():
+    builder = _builder(name, data_dir)
+    prepared = builder.is_prepared()
+  if not prepared:
     raise FileNotFoundError(
         f"Dataset {name!r} is not prepared in {data_dir!r}: run `python -m mmsi_jax.data.prepare "
         f"--dataset={name} --data_dir={data_dir}` (the trainer does it on its first run).")
