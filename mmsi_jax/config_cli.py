@@ -40,11 +40,12 @@ class ConfigError(ValueError):
 class ComponentKind:
   """Where a kind of component is named and configured.
 
-  name_key: the config key of its name; registry_of(name): the registry holding `name` (None: not a
-  component, e.g. miner "none"); settings_of(name): the config path of that component's settings;
-  context: the factory arguments the trainer passes, which are not settings.
+  name_key: the config key of its name; names(): every name it takes; registry_of(name): the registry
+  holding `name` (None: not a component, e.g. miner "none"); settings_of(name): the config path of that
+  component's settings; context: the factory arguments the trainer passes, which are not settings.
   """
   name_key: str
+  names: Callable[[], list[str]]
   registry_of: Callable[[str], Optional[Registry]]
   settings_of: Callable[[str], str]
   context: tuple[str, ...] = ()
@@ -55,16 +56,18 @@ def _loss_registry(name: str) -> Optional[Registry]:
 
 
 COMPONENTS = (
-    ComponentKind("loss.name", _loss_registry, lambda name: "loss.hparams"),
-    ComponentKind("model.name", lambda name: models.MODELS if name in models.MODELS else None,
-                  lambda name: "model"),
-    ComponentKind("references.name",
+    ComponentKind("loss.name", lambda: losses.names() + losses.proxy_names(), _loss_registry,
+                  lambda name: "loss.hparams"),
+    ComponentKind("model.name", models.MODELS.names,
+                  lambda name: models.MODELS if name in models.MODELS else None, lambda name: "model"),
+    ComponentKind("references.name", references.REFERENCES.names,
                   lambda name: references.REFERENCES if name in references.REFERENCES else None,
                   lambda name: f"references.{name}", context=("num_classes",)),
-    ComponentKind("miner.name", lambda name: mining.MINERS if name in mining.MINERS else None,
+    ComponentKind("miner.name", lambda: [mining.NONE, *mining.MINERS.names()],
+                  lambda name: mining.MINERS if name in mining.MINERS else None,
                   lambda name: f"miner.{name}",
                   context=("model", "pair_loss", "hparams", "num_classes")),
-    ComponentKind("data.batch_policy",
+    ComponentKind("data.batch_policy", batch_policies.BATCH_POLICIES.names,
                   lambda name: (batch_policies.BATCH_POLICIES if name in batch_policies.BATCH_POLICIES
                                 else None),
                   lambda name: f"data.{name}",
@@ -155,6 +158,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def _switch_component(config, kind: ComponentKind, new: str, names_given: set) -> list[str]:
+  if new not in kind.names():
+    close = difflib.get_close_matches(new, kind.names(), n=1, cutoff=0.6)
+    raise ConfigError(f"--config.{kind.name_key}={new}: {new!r} is not one of {kind.names()}"
+                      + (f"; did you mean --config.{kind.name_key}={close[0]}?" if close else "."))
   old = _get(config, kind.name_key)
   _put(config, kind.name_key, new)
   notes = []

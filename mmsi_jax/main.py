@@ -1,7 +1,10 @@
 """Command line: `python -m mmsi_jax.main --config=configs/demo.py --workdir=runs/demo`.
 
-Any config key can be overridden, e.g. `--config.train.num_steps=2000`; an unknown key or a value of the
-wrong type is reported before any work starts. Running again with the same workdir resumes.
+Any config key can be overridden, e.g. `--config.train.num_steps=2000`, and any component chosen by name,
+e.g. `--config.loss.name=lifted_structure` (config_cli.py); an unknown key, a value of the wrong type or
+a setting a component refuses is reported, naming the key, before any work starts (config_check.py).
+Running again with the same workdir resumes its run, whose config may differ only in the keys that
+run_record.py lists; any other difference is refused.
 
 On several hosts, run the same command on each with --multihost (see launch/).
 """
@@ -13,10 +16,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mmsi_jax import checkpointing
+from mmsi_jax import config_check
 from mmsi_jax import config_cli
 from mmsi_jax import parallel
-from mmsi_jax import train
+from mmsi_jax import run_record
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file and variant, e.g. configs/demo.py[:VARIANT]; "
                               "any key overridden with --config.a.b=value.")
@@ -62,8 +65,14 @@ def resolved_config(argv: list[str]):
 def main(argv: list[str]) -> None:
   config = resolved_config(argv)
   logging.set_verbosity(logging.WARNING)  # Our progress goes to stdout; libraries stay quiet.
-  if _MULTIHOST.value:
+  if _MULTIHOST.value:  # Before anything asks JAX for its devices.
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:  # Before the trainer's libraries load (TFDS, grain, orbax: seconds): a wrong config fails fast.
+    config_check.check_config(config)
+    run_record.check_resumable(_WORKDIR.value, config)
+  except ValueError as e:
+    sys.exit(f"Error: {e}")
+  from mmsi_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, PermissionError, FileNotFoundError, train.NonFiniteLossError) as e:

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmsi_jax.data.pipeline import EXTRA
+from mmsi_jax.data.sampler import EXTRA
 
 DATA_AXIS = "data"
 

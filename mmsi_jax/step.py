@@ -23,7 +23,7 @@ import optax
 
 from mmsi_jax import losses, mining, models, parallel, references
 from mmsi_jax.data import transforms
-from mmsi_jax.data.pipeline import EXTRA
+from mmsi_jax.data.sampler import EXTRA
 from mmsi_jax.losses.masked import masked_mean
 from mmsi_jax.models import MODEL_PARAMS
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from mmsi_jax import step
 from mmsi_jax.bench import timing
-from mmsi_jax.data.pipeline import EXTRA
+from mmsi_jax.data.sampler import EXTRA
 
 
 def random_batch(components: step.Components, image_size: int, classes: int, samples: int,

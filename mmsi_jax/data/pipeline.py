@@ -27,25 +27,18 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmsi_jax.data import cars196, cub200, glyphs, sop
-from mmsi_jax.data.sampler import ExtraBatch, PKSampler
+from mmsi_jax.data import catalog
+from mmsi_jax.data.sampler import EXTRA, ExtraBatch, PKSampler
 from mmsi_jax.data.transforms import decode_image
 from mmsi_jax.registry import Registry
 
-EXTRA = "extra"  # The key of a train batch's extra batches (whole on every host and device).
-
 DATASETS = Registry("dataset")
-for _name, _builder_class in {
-    "glyphs": glyphs.Glyphs,
-    "cub200": cub200.Cub200,
-    "cars196": cars196.Cars196,
-    "sop": sop.StanfordOnlineProducts,
-}.items():
-  DATASETS.register(_name)(_builder_class)
+for _name in catalog.names():
+  DATASETS.register(_name)(catalog.builder_class(_name))
 
 
 def names() -> list[str]:
-  return DATASETS.names()
+  return catalog.names()
 
 
 def _builder(name: str, data_dir: str):

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+EXTRA = "extra"  # The key of a train batch's extra batches (whole on every host and device).
+
 
 @dataclasses.dataclass(frozen=True)
 class ExtraBatch:
