@@ -13,9 +13,9 @@ from its own defaults: the settings a config wrote for the component it named be
 (listed in the notes) where they share its place (`loss.hparams`, the flat `model` block), and kept
 under their own name where each component has one (`references.<name>`, `miner.<name>`,
 `data.<name>`). A setting given on the command line for the new component is typed by its factory's
-default and checked against its factory (train.check_config), as any other. A loss of the other kind
-(pair or proxy) also switches `references.name` to that kind's plain references, unless the command
-line names them.
+default and checked against its factory (config_check.check_config), as any other. A loss of the other
+kind (pair or proxy) also switches `references.name` to that kind's plain references, unless the
+command line names them.
 """
 
 import ast
