@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import demo
-from mmsi_jax import losses, mining, models, references, reporting, step, train
+from mmsi_jax import config_cli, losses, mining, models, references, reporting, step, train
 from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.mining import MINERS
@@ -242,11 +242,10 @@ def test_every_registered_loss_is_covered():
 
 @pytest.mark.parametrize("variant", EVERY_LOSS)
 def test_every_loss_trains_30_steps_on_the_demo_with_falling_loss(glyphs_dir, variant):
-  if variant in demo.VARIANTS:
-    config = tiny_demo_config(variant)
-  else:  # A pair loss with its default hyperparameters.
-    config = tiny_demo_config("ms")
-    config.loss.name, config.loss.hparams = variant, {}
+  config = tiny_demo_config(variant if variant in demo.VARIANTS else "ms")
+  if variant not in demo.VARIANTS:  # Chosen with one flag: the loss with its default hyperparameters.
+    notes = config_cli.apply_overrides(config, [f"--config.loss.name={variant}"])
+    assert dict(config.loss.hparams) == {} and len(notes) == 1, notes
   config.data.classes_per_batch = 8
   config.model.widths, config.model.embed_dim = (8, 16), 16
   config.optim.learning_rate = 5e-3
