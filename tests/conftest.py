@@ -32,8 +32,30 @@ def glyphs_dir(glyphs_build):
 _OWN_CACHE = []  # The cache directory this session made (removed at its end), if any.
 
 
-def pytest_configure(config):
+# The end-to-end runs and the largest compilations, each 15 s or more on 2 CPU cores: `-m "not slow"`
+# leaves them out while iterating (the full suite, as CI runs it, keeps them).
+SLOW = ("test_two_processes_of_two_devices_train_like_one_device",
+        "test_the_authors_layout_trains_every_classifier_and_branch",
+        "test_table_equals_the_runs_metrics_and_a_failure_is_reported",
+        "test_a_rerun_does_no_work_and_a_killed_run_resumes_to_the_same_result",
+        "test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise",
+        "test_init_from_starts_a_new_run_from_another_runs_weights",
+        "test_sharded_over_four_devices_gives_the_same_results",
+        "test_meta_gradients_match_finite_differences",
+        "test_no_update_until_the_dictionary_holds_t_classes_nor_at_a_zero_meta_loss",
+        "test_a_workdir_refuses_another_config_and_resumes_its_own_for_more_steps",
+        "test_a_switched_loss_trains_from_the_command_line_and_ctrl_c_says_how_to_resume")
+
+
+def pytest_collection_modifyitems(config, items):
   del config
+  for item in items:
+    if item.originalname in SLOW:
+      item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: an end-to-end run or a large compilation (conftest.SLOW)")
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE.append(tempfile.mkdtemp(prefix="mmsi_jax_test_cache_"))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE[0]  # Subprocesses inherit it.
