@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import demo
-from mmsi_jax import config_cli, losses, mining, models, references, reporting, step, train
+from mmsi_jax import config_cli, losses, mining, references, reporting, step, train
 from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.mining import MINERS
