@@ -205,4 +205,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval.grid_queries = 8  # Rows (queries) of the retrieval grid PNG written per evaluation.
   config.eval.grid_results = 6  # Nearest results shown per query in that grid.
   config.eval.baseline_side = 32  # Raw-pixel baseline: test images box-downsampled to at most this side.
+  # Also evaluate, at step 0 of a new run, the starting model's backbone features (L2-normalised, no
+  # embedding head): the pretrained features' retrieval, "initial/<metric>" in metrics.jsonl.
+  config.eval.initial_features = False
   return config

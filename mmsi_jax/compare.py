@@ -198,8 +198,38 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
+def _metric_means(results: list[dict]) -> dict:
+  """{"<metric>_mean": ..., "<metric>_std": ...} over the runs' metrics `results` ([{metric: value}])."""
+  cells = {}
+  for name in dict.fromkeys(k for m in results for k in m):
+    cells[f"{name}_mean"], cells[f"{name}_std"] = _mean_sd([m[name] for m in results if name in m])
+  return cells
+
+
+def reference_rows(runs: list[Run]) -> list[dict]:
+  """The step-0 references of the finished runs (reporting.REFERENCE_ROWS), a row each: raw pixels, and
+  the initial features of each model the runs start from (init_from, else model.pretrained)."""
+  groups: dict[str, list[dict]] = {}
+  for run in runs:
+    if run.final_metrics() is None:
+      continue
+    start = next((r for r in run.records() if r["step"] == 0), {})
+    for prefix, label in reporting.REFERENCE_ROWS.items():
+      metrics = {k.split("/", 1)[1]: v for k, v in start.items() if k.startswith(f"{prefix}/")}
+      if prefix == "initial":
+        source = run.config.init_from or run.config.model.get("pretrained", "")
+        label += f" ({os.path.basename(source.rstrip(os.sep)) if source else 'random init'})"
+      if metrics:
+        groups.setdefault(label, []).append(metrics)
+  return [{"variant": label, "runs": len(results), "finished": len(results), "failed": 0,
+           **_metric_means(results), "wall_seconds_mean": math.nan, "wall_seconds_std": math.nan,
+           "step_ms_mean": math.nan, "step_ms_std": math.nan, "step_time_vs_plain": math.nan,
+           "plain_variant": "", "errors": ""} for label, results in groups.items()]
+
+
 def summarize(runs: list[Run], configs: dict[str, ml_collections.ConfigDict]) -> list[dict]:
-  """One row per variant: counts, mean/sd of each final metric, wall and step time, errors."""
+  """One row per variant: counts, mean/sd of each final metric, wall and step time, errors; after the
+  references of step 0 (reference_rows)."""
   rows = []
   step_ms = {}
   for variant in configs:
@@ -207,10 +237,8 @@ def summarize(runs: list[Run], configs: dict[str, ml_collections.ConfigDict]) ->
     finals = [(r, r.final_metrics()) for r in own]
     done = [(r, m) for r, m in finals if m is not None]
     failed = [r for r, m in finals if m is None and r.status()["error"]]
-    row = {"variant": variant, "runs": len(own), "finished": len(done), "failed": len(failed)}
-    metric_names = list(dict.fromkeys(k for _, m in done for k in m))
-    for name in metric_names:
-      row[f"{name}_mean"], row[f"{name}_std"] = _mean_sd([m[name] for _, m in done if name in m])
+    row = {"variant": variant, "runs": len(own), "finished": len(done), "failed": len(failed),
+           **_metric_means([m for _, m in done])}
     walls = [r.status()["wall_seconds"] for r, _ in done if r.status()["attempts"]]
     row["wall_seconds_mean"], row["wall_seconds_std"] = _mean_sd(walls)
     steps = [s for s in (r.step_seconds() for r, _ in done) if s is not None]
@@ -222,7 +250,7 @@ def summarize(runs: list[Run], configs: dict[str, ml_collections.ConfigDict]) ->
   for row in rows:
     plain = step_ms.get(row["plain_variant"], math.nan)
     row["step_time_vs_plain"] = row["step_ms_mean"] / plain if row["plain_variant"] else math.nan
-  return rows
+  return reference_rows(runs) + rows
 
 
 def _columns(rows: list[dict]) -> tuple[list[str], list[str]]:

@@ -16,6 +16,9 @@ METRICS_FILE = "metrics.jsonl"
 # compilation (the first one of each start). Kept apart from metrics.jsonl, which a resumed run
 # reproduces exactly.
 TIMING_FILE = "timing.jsonl"
+# The evaluations of step 0 a run's table sets beside its own, by their metrics' prefix: raw pixels
+# (always), and the features the run starts from (config.eval.initial_features).
+REFERENCE_ROWS = {"baseline": "raw pixels", "initial": "initial features"}
 
 
 def read_records(path: str) -> list[dict]:

@@ -13,8 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmsi_jax import (batch_policies, checkpointing, mining, models, parallel, references, reporting,
-                      run_record)
+from mmsi_jax import (batch_policies, checkpointing, mining, models, parallel, pretrain, references,
+                      reporting, run_record)
 from mmsi_jax.config_check import check_config
 from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
@@ -58,7 +58,8 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluating every `train.eval_every` steps and at the end; resumes from <workdir>.
 
-  Returns the final evaluation metrics and the raw-pixel baseline, keyed as in metrics.jsonl. In a
+  Returns the final evaluation metrics and the references of step 0 (reporting.REFERENCE_ROWS), keyed
+  as in metrics.jsonl. In a
   multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
   """
   check_config(config)
@@ -67,7 +68,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   primary = parallel.is_primary()
   say = functools.partial(print, flush=True) if primary else lambda *args: None
 
-  # Built first: a missing weights file (model.pretrained, init_from) stops the run before any data work.
+  # Built first: a missing weights file (model.pretrained, init_from) stops the run before any data work;
+  # the demo's pretrained models are built here if they are missing (pretrain.py).
+  pretrain.ensure_inputs(config)
   model = models.get(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
   initial_weights = checkpointing.read_weights(config.init_from) if config.init_from else None
   data = config.data
@@ -118,14 +121,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def embed(images):  # The current parameters: `state` is rebound every step.
     return embed_fn(state.params[MODEL_PARAMS], state.batch_stats, images)
 
-  if restored_step is None:
+  if restored_step is None:  # The references of the table: raw pixels, and the initial features.
     baseline = evaluator.raw_pixel_baseline()
+    if config.eval.initial_features:
+      features_fn = make_embed_fn(model, data.normalization, features=True)
+      baseline.update(evaluator.evaluate(
+          lambda images: features_fn(state.params[MODEL_PARAMS], state.batch_stats, images),
+          "initial", 0, figures_name="initial", method="initial features"))
+      say("  initial features: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in baseline.items()
+                                            if k.startswith("initial/")))
     writer.write(0, baseline)
     writer.write_hparams(run_record.flat_config(config),
-                         [f"test/{k.split('/', 1)[1]}" for k in baseline])
+                         [f"test/{k.split('/', 1)[1]}" for k in baseline if k.startswith("baseline/")])
   else:
     baseline = {k: v for r in reporting.read_metrics(workdir) for k, v in r.items()
-                if k.startswith("baseline/")}
+                if k.split("/", 1)[0] in reporting.REFERENCE_ROWS}
     say(f"Resuming at step {start_step} of {num_steps} from {ckpt.directory}.")
   if resumable_changes:
     say(f"Changed since the run started (allowed on resume):\n{run_record.describe(resumable_changes)}")
@@ -206,10 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not any(k.startswith("test/") for k in final):  # Resumed a finished run: evaluate once more.
     final.update(evaluator.evaluate(embed, "test", num_steps))
   columns = [k.split("/", 1)[1] for k in final if k.startswith("test/")]
-  rows = {
-      "raw pixels": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("baseline/")},
-      method_name(config): {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("test/")},
-  }
+  rows = {label: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{prefix}/")}
+          for prefix, label in {**reporting.REFERENCE_ROWS, "test": method_name(config)}.items()}
+  rows = {label: row for label, row in rows.items() if row}
   say(f"\nTest split {data.name}/{data.test_split} after {num_steps} steps:")
   say(reporting.format_table(rows, columns))
   return final

@@ -8,6 +8,7 @@ import importlib
 
 BUILDERS = {
     "glyphs": ("mmsi_jax.data.glyphs", "Glyphs"),
+    "glyphs_pretrain": ("mmsi_jax.data.glyphs", "GlyphsPretrain"),
     "cub200": ("mmsi_jax.data.cub200", "Cub200"),
     "cars196": ("mmsi_jax.data.cars196", "Cars196"),
     "sop": ("mmsi_jax.data.sop", "StanfordOnlineProducts"),

@@ -9,6 +9,11 @@ protocol as CUB-200-2011 (train on the first half of the classes, test on the un
 
 The generator is a pure function of its seed, so every machine builds bit-identical images; the TFDS builder
 `Glyphs` writes them as PNG bytes to array_record, read back with `tfds.data_source`.
+
+`GlyphsPretrain` ("glyphs_pretrain") is the demo's ImageNet: 1,000 other glyphs (classes 1000-1999) for
+classification pretraining, and 100 more (2000-2099) to evaluate its features on unseen classes, drawn
+by the same procedure from a smaller vocabulary of parts (PRETRAIN_KINDS, PRETRAIN_COLORS). No class id,
+hence no glyph, is shared with the 200 demo classes (0-199).
 """
 
 import io
@@ -62,12 +67,23 @@ def _shape_mask(kind: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 _NUM_SHAPE_KINDS = 8
 
 
-def glyph_spec(class_seed: int) -> dict:
-  """The fixed description of one class: its parts' shapes, colours, offsets, sizes and orientations."""
+ALL_KINDS = tuple(range(_NUM_SHAPE_KINDS))
+ALL_COLORS = tuple(range(len(_PALETTE)))
+# The pretraining glyphs' parts: disc, square, triangle, ring in red, green, blue, yellow, white, black.
+# The demo's glyphs also have crosses, bars, diamonds and half discs, in 6 more colours: features
+# learnt on the pretraining glyphs transfer but do not know every part the demo tells apart, as
+# ImageNet's features do not know every detail that separates CUB's birds.
+PRETRAIN_KINDS = (0, 1, 2, 3)
+PRETRAIN_COLORS = (0, 1, 2, 3, 8, 9)
+
+
+def glyph_spec(class_seed: int, kinds: tuple = ALL_KINDS, colors: tuple = ALL_COLORS) -> dict:
+  """The fixed description of one class: its parts' shapes (of `kinds`), colours (of `colors`, indices
+  of the palette), offsets, sizes and orientations."""
   rng = np.random.default_rng(class_seed)
   return {
-      "kind": rng.integers(0, _NUM_SHAPE_KINDS, _PARTS_PER_GLYPH),
-      "color": rng.choice(len(_PALETTE), _PARTS_PER_GLYPH, replace=False),
+      "kind": np.asarray(kinds)[rng.integers(0, len(kinds), _PARTS_PER_GLYPH)],
+      "color": np.asarray(colors)[rng.choice(len(colors), _PARTS_PER_GLYPH, replace=False)],
       "offset": rng.uniform(-0.45, 0.45, (_PARTS_PER_GLYPH, 2)),
       "size": rng.uniform(0.18, 0.32, _PARTS_PER_GLYPH),
       "angle": rng.uniform(0.0, 2 * np.pi, _PARTS_PER_GLYPH),
@@ -117,10 +133,11 @@ def render(spec: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
 
 
 def generate(class_ids, images_per_class: int = IMAGES_PER_CLASS, seed: int = SEED,
-             size: int = IMAGE_SIZE):
-  """Yields (class_id, image_index, image [size, size, 3] uint8) for the given classes, deterministically."""
+             size: int = IMAGE_SIZE, kinds: tuple = ALL_KINDS, colors: tuple = ALL_COLORS):
+  """Yields (class_id, image_index, image [size, size, 3] uint8) for the given classes, deterministically;
+  the glyphs' parts of `kinds` and `colors` (glyph_spec)."""
   for class_id in class_ids:
-    spec = glyph_spec(seed * 100_003 + int(class_id))
+    spec = glyph_spec(seed * 100_003 + int(class_id), kinds, colors)
     rng = np.random.default_rng([seed, int(class_id)])
     for image_index in range(images_per_class):
       yield int(class_id), image_index, render(spec, rng, size)
@@ -137,6 +154,8 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "200 classes x 24 images, 32 px RGB."}
+  SPLIT_CLASSES = {"train": range(0, NUM_CLASSES // 2), "test": range(NUM_CLASSES // 2, NUM_CLASSES)}
+  PARTS = {"kinds": ALL_KINDS, "colors": ALL_COLORS}  # glyph_spec's vocabulary.
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -149,15 +168,22 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the data is generated.
-    half = NUM_CLASSES // 2
-    return {
-        "train": self._generate_examples(range(0, half)),
-        "test": self._generate_examples(range(half, NUM_CLASSES)),
-    }
+    return {split: self._generate_examples(class_ids) for split, class_ids in self.SPLIT_CLASSES.items()}
 
   def _generate_examples(self, class_ids):
     first = class_ids[0]
-    for class_id, image_index, image in generate(class_ids):
+    for class_id, image_index, image in generate(class_ids, **self.PARTS):
       name = f"glyph{class_id:03d}_{image_index:02d}.png"
       yield name, {"image": encode_png(image), "label": class_id - first, "class_id": class_id,
                    "file_name": name}
+
+
+class GlyphsPretrain(Glyphs):
+  """TFDS builder of the pretraining glyphs: `train` (classes 1000-1999, labels 0-999) for
+  classification, `test` (classes 2000-2099) to evaluate the features on classes pretraining never saw;
+  disjoint from the demo's classes 0-199, their parts of PRETRAIN_KINDS and PRETRAIN_COLORS."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "1,000 + 100 classes x 24 images, 32 px RGB, 4 part shapes, 6 colours."}
+  SPLIT_CLASSES = {"train": range(1000, 2000), "test": range(2000, 2100)}
+  PARTS = {"kinds": PRETRAIN_KINDS, "colors": PRETRAIN_COLORS}

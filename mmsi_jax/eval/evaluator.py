@@ -13,14 +13,19 @@ from mmsi_jax.data import pipeline, transforms
 from mmsi_jax.eval import figures
 from mmsi_jax.eval.clustering import nmi
 from mmsi_jax.eval.retrieval import nearest_neighbors, retrieval_metrics
+from mmsi_jax.models.embedding import l2_normalize
 
 
-def make_embed_fn(model, normalization: str = "symmetric") -> Callable:
-  """Jitted `(model params, batch_stats, images uint8) -> embeddings [N, D]` in inference mode."""
+def make_embed_fn(model, normalization: str = "symmetric", features: bool = False) -> Callable:
+  """Jitted `(model params, batch_stats, images uint8) -> embeddings [N, D]` in inference mode; with
+  `features`, the backbone's features [N, F], L2-normalised, instead (no embedding head)."""
   @jax.jit
   def embed(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats},
-                       transforms.normalize(images, normalization), train=False)
+    variables = {"params": params, "batch_stats": batch_stats}
+    images = transforms.normalize(images, normalization)
+    if features:
+      return l2_normalize(model.apply(variables, images, train=False, method=model.features))
+    return model.apply(variables, images, train=False)
   return embed
 
 
