@@ -50,7 +50,11 @@ def test_table_equals_the_runs_metrics_and_a_failure_is_reported(compared, glyph
   assert "2 of 6 runs did not finish" in result.stderr
   with open(os.path.join(workdir, "results.csv")) as f:
     rows = {row["variant"]: row for row in csv.DictReader(f)}
-  assert list(rows) == ["ms", "contrastive", "broken"]
+  assert list(rows) == ["raw pixels", "ms", "contrastive", "broken"]  # Step 0's reference first.
+  baselines = [reporting.read_metrics(os.path.join(workdir, v, f"seed_{s}"))[0]["baseline/recall@1"]
+               for v in ("ms", "contrastive") for s in SEEDS]
+  assert rows["raw pixels"]["finished"] == "4"
+  assert float(rows["raw pixels"]["recall@1_mean"]) == pytest.approx(np.mean(baselines), rel=1e-12)
   for variant in ("ms", "contrastive"):
     finals = [final_test_metrics(os.path.join(workdir, variant, f"seed_{s}")) for s in SEEDS]
     assert set(finals[0]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1",

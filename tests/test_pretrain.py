@@ -84,8 +84,6 @@ def test_an_exported_backbone_loads_through_model_pretrained_in_every_finetune_v
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The new embedding head is the model's own initialisation, not the checkpoint's.
-  assert not np.array_equal(loaded["params"]["head"]["kernel"], original["params"]["head"]["kernel"][:, :64])
   for variant in finetune.VARIANTS[1:]:
     config = finetune.get_config(variant)
     assert config.model.name == "resnet18" and config.model.pretrained == finetune.PRETRAINED
@@ -196,7 +194,8 @@ def test_the_comparison_table_leads_with_raw_pixels_and_each_starting_models_fea
   rows = compare.reference_rows(runs)
   by_name = {row["variant"]: row for row in rows}
   assert list(by_name) == ["raw pixels", "initial features (net.npz)", "initial features (ms_model)"]
-  assert by_name["raw pixels"]["finished"] == 3 and by_name["raw pixels"]["recall@1_mean"] == pytest.approx(0.2)
+  assert by_name["raw pixels"]["finished"] == 3
+  assert by_name["raw pixels"]["recall@1_mean"] == pytest.approx(0.2)
   assert by_name["initial features (net.npz)"]["recall@1_mean"] == 0.5
   assert by_name["initial features (net.npz)"]["recall@1_std"] == 0.0
   assert by_name["initial features (ms_model)"]["recall@1_mean"] == 0.7
