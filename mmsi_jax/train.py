@@ -59,8 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluating every `train.eval_every` steps and at the end; resumes from <workdir>.
 
   Returns the final evaluation metrics and the references of step 0 (reporting.REFERENCE_ROWS), keyed
-  as in metrics.jsonl. In a
-  multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
+  as in metrics.jsonl. In a multi-process run every process trains and evaluates; process 0 alone
+  prints and writes reports.
   """
   check_config(config)
   resumable_changes = run_record.check_resumable(workdir, config)
