@@ -22,6 +22,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.data.manual_dir = ""  # Where the official archives are, for datasets that need them.
   config.data.train_split = "train"  # Training classes.
   config.data.test_split = "test"  # Unseen test classes: query set and gallery at once.
+  # Validation classes (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020): with folds = k
+  # >= 2 the training classes are cut into k contiguous folds; the run trains on the others and evaluates
+  # fold `fold` (0-based), and the test split is never read (metrics "validation/..."). k = 2 with one
+  # fold used is the half-and-half split, k = 4 the Reality Check's folds; mmsi_jax.tune sets both.
+  # 0: no validation, the run trains on every training class and evaluates the test split.
+  config.data.validation = ml_collections.ConfigDict()
+  config.data.validation.folds = 0
+  config.data.validation.fold = 0
   config.data.classes_per_batch = 16  # P of a PK batch.
   config.data.samples_per_class = 4  # K of a PK batch; batch size is P * K.
   # "pk": P classes x K images; "random": P * K images drawn at random from the split (MemVir's batches).

@@ -47,6 +47,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   require(config.data.name in catalog.names(),
           f"data.name={config.data.name!r} is not one of {catalog.names()}.")
+  folds, fold = config.data.validation.folds, config.data.validation.fold
+  require(folds == 0 or (folds >= 2 and 0 <= fold < folds),
+          f"data.validation.folds={folds}, data.validation.fold={fold}: folds is 0 (no validation) or "
+          f"at least 2 (2: half and half), and fold one of 0 .. folds - 1.")
   require(config.data.sampler in sampler_lib.SAMPLERS,
           f"data.sampler={config.data.sampler!r} is not one of {tuple(sampler_lib.SAMPLERS)}.")
   require(config.data.normalization in transforms.NORMALIZATIONS,

@@ -14,7 +14,8 @@ files, never what it computes up to the step it resumes at:
       how batches are prepared (the batches themselves are a pure function of the seed and the step)
 
 Any other difference stops the run before any work (`check_resumable`), naming each key with its value
-in the run and on the command line.
+in the run and on the command line. A key added to the config after a run was recorded reads, in that
+run's record, as the value under which the run ran (`ADDED`).
 """
 
 import fnmatch
@@ -29,6 +30,9 @@ RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.ch
              "train.keep_checkpoints", "eval.*", "data.data_dir", "data.manual_dir", "model.pretrained",
              "init_from", "data.num_threads", "data.num_workers", "data.prefetch",
              "data.eval_batch_size")
+# Keys added to the config after runs were recorded, each with the value under which those runs ran: a
+# record without one reads as having it.
+ADDED = {"data.validation.folds": 0, "data.validation.fold": 0}
 _ABSENT = object()  # A key that one of two configs lacks.
 
 
@@ -57,7 +61,7 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return _flatten(json.load(f))
+    return {**ADDED, **_flatten(json.load(f))}
 
 
 def differences(recorded: dict[str, Any], config: ml_collections.ConfigDict

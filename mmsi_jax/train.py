@@ -7,7 +7,7 @@ eval/evaluator.py; this module is the loop around them (docs/ARCHITECTURE.md).
 import functools
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -55,12 +55,15 @@ def method_name(config: ml_collections.ConfigDict) -> str:
   return " + ".join(parts)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_evaluation: Optional[Callable[[int, dict], None]] = None) -> dict:
   """Trains, evaluating every `train.eval_every` steps and at the end; resumes from <workdir>.
 
-  Returns the final evaluation metrics and the references of step 0 (reporting.REFERENCE_ROWS), keyed
-  as in metrics.jsonl. In a multi-process run every process trains and evaluates; process 0 alone
-  prints and writes reports.
+  The test split is evaluated, or the validation classes with data.validation.folds
+  (pipeline.load_splits). Returns the final evaluation metrics and the references of step 0
+  (reporting.REFERENCE_ROWS), keyed as in metrics.jsonl. `on_evaluation(step, metrics)` is called
+  after each evaluation of the loop (a tuning study's pruner, which may stop the run by raising). In a
+  multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
   """
   check_config(config)
   resumable_changes = run_record.check_resumable(workdir, config)
@@ -79,9 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.sync("dataset prepared")
   if not primary:  # Finds process 0's build where the filesystem is shared; builds its own elsewhere.
     pipeline.prepare(data.name, data.data_dir, data.manual_dir or None)
-  train_source = pipeline.load_split(data.name, data.train_split, data.data_dir, decode_images=False)
-  test_source = pipeline.load_split(data.name, data.test_split, data.data_dir, decode_images=False)
-  train_labels = pipeline.split_labels(train_source)
+  splits = pipeline.load_splits(data)
+  train_source, train_labels = splits.train, splits.train_labels
   if data.label_noise > 0:  # The sampler and the batches see the shuffled labels.
     train_labels = pipeline.shuffled_labels(train_labels, data.label_noise, data.label_noise_seed)
     train_source = pipeline.RelabeledSource(train_source, train_labels)
@@ -110,8 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             else reporting.NullWriter())
   timing = (reporting.JsonLines(os.path.join(workdir, reporting.TIMING_FILE), restored_step) if primary
             else reporting.NullWriter())
-  evaluator = Evaluator(config, test_source, os.path.join(workdir, "eval") if primary else None,
-                        method=method_name(config), write_image=writer.write_image)
+  evaluator = Evaluator(config, splits.evaluation, os.path.join(workdir, "eval") if primary else None,
+                        method=method_name(config), write_image=writer.write_image, split=splits.name)
   # The state is donated: each step writes the new state into the old one's buffers. A checkpoint
   # copies the state to the host before `save` returns (orbax's default transfer), so a later step
   # cannot change what it writes.
@@ -194,10 +196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(step, means)
       say(progress.line(step, {"loss": means["train/loss"]}))
       if step % config.train.eval_every == 0 or step == num_steps:
-        evaluation = evaluator.evaluate(embed, "test", step)
+        evaluation = evaluator.evaluate(embed, splits.prefix, step)
         writer.write(step, evaluation)
         final = {**baseline, **evaluation}
         say("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()))
+        if on_evaluation is not None:
+          on_evaluation(step, evaluation)
       if step % config.train.checkpoint_every == 0 or step == num_steps:
         checkpointing.save(ckpt, step, state)
         last_checkpoint = step
@@ -213,12 +217,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if start_step < num_steps:
     say(f"Trained steps {start_step + 1}..{num_steps} in {time.perf_counter() - started:.1f} s.")
-  if not any(k.startswith("test/") for k in final):  # Resumed a finished run: evaluate once more.
-    final.update(evaluator.evaluate(embed, "test", num_steps))
-  columns = [k.split("/", 1)[1] for k in final if k.startswith("test/")]
+  evaluated = f"{splits.prefix}/"
+  if not any(k.startswith(evaluated) for k in final):  # Resumed a finished run: evaluate once more.
+    final.update(evaluator.evaluate(embed, splits.prefix, num_steps))
+  columns = [k.split("/", 1)[1] for k in final if k.startswith(evaluated)]
   rows = {label: {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{prefix}/")}
-          for prefix, label in {**reporting.REFERENCE_ROWS, "test": method_name(config)}.items()}
+          for prefix, label in {**reporting.REFERENCE_ROWS, splits.prefix: method_name(config)}.items()}
   rows = {label: row for label, row in rows.items() if row}
-  say(f"\nTest split {data.name}/{data.test_split} after {num_steps} steps:")
+  say(f"\n{splits.prefix.capitalize()} split {splits.name} after {num_steps} steps:")
   say(reporting.format_table(rows, columns))
   return final

@@ -2,6 +2,8 @@
 
   prepare(name, data_dir, manual_dir)    -> builds the dataset into data_dir unless already there
   load_split(name, split, data_dir)      -> random-access source of {"image", "label", ...}
+  load_splits(config.data)               -> what a run trains and evaluates on: the training and test
+                                            splits, or training and validation classes (Splits)
   train_batches(source, sampler, ...)    -> iterator of augmented PK batches, resumable at any step
   eval_batches(source, batch_size, ...)  -> iterator of padded, ordered batches of a whole split
 
@@ -20,7 +22,7 @@ import contextlib
 import functools
 import io
 import logging
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from absl import flags
 import grain
@@ -128,21 +130,23 @@ def load_split(name: str, split: str, data_dir: str, *, decode_images: bool = Tr
 
 
 class RelabeledSource:
-  """A random-access source whose records carry the given labels [N] instead of their own."""
+  """The records `indices` of a random-access source (all of them by default), in that order, carrying
+  the given labels [len(indices)] instead of their own."""
 
-  def __init__(self, source, labels: np.ndarray):
+  def __init__(self, source, labels: np.ndarray, indices: Optional[np.ndarray] = None):
     self._source = source
     self.labels = labels
+    self._indices = np.arange(len(source)) if indices is None else np.asarray(indices)
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._indices)
 
   def __getitem__(self, index: int) -> dict:
-    return {**self._source[index], "label": int(self.labels[index])}
+    return {**self._source[int(self._indices[index])], "label": int(self.labels[index])}
 
   def __getitems__(self, indices) -> list[dict]:
-    return [{**record, "label": int(self.labels[i])}
-            for i, record in zip(indices, self._source.__getitems__(indices))]
+    records = self._source.__getitems__(self._indices[np.asarray(indices, np.int64)].tolist())
+    return [{**record, "label": int(self.labels[i])} for i, record in zip(indices, records)]
 
 
 def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -159,6 +163,48 @@ def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 def split_labels(source) -> np.ndarray:
   """Labels [N] of every example of a source read with decode_images=False (no image is decoded)."""
   return np.array([record["label"] for record in source], np.int64)
+
+
+class Splits(NamedTuple):
+  """What a run trains and evaluates on (`load_splits`); images encoded (decode_images=False)."""
+  train: Any  # The training images, labelled 0 .. C - 1.
+  train_labels: np.ndarray  # [N] their labels.
+  evaluation: Any  # The images evaluated, each query against all the others.
+  prefix: str  # "test" or "validation": the evaluation's metrics are "<prefix>/<metric>".
+  name: str  # The images evaluated, in words: "glyphs/test", or the validation classes.
+
+
+def validation_fold(classes: np.ndarray, folds: int, fold: int) -> np.ndarray:
+  """The classes of fold `fold` (0-based) of `folds`: the distinct `classes`, sorted, cut into `folds`
+  contiguous runs of near-equal size (np.array_split), as the DML splits cut a dataset's classes (CUB:
+  the first 100 train, the rest test). The k class-disjoint folds of the training classes are the
+  Reality Check's (Musgrave et al., ECCV 2020: k = 4); 2 folds, one of them used, its half-and-half
+  split."""
+  return np.array_split(np.unique(classes), folds)[fold]
+
+
+def load_splits(data) -> Splits:
+  """The splits a run with config `data` (config.data) trains and evaluates on.
+
+  data.validation.folds = 0: the training split, and the test split evaluated. Otherwise the training
+  split's classes are cut into data.validation.folds folds (`validation_fold`): the classes of fold
+  data.validation.fold are evaluated, the other classes trained on (relabelled 0 .. C - 1 in the order
+  of their labels), and the test split is never opened.
+  """
+  train = load_split(data.name, data.train_split, data.data_dir, decode_images=False)
+  labels = split_labels(train)
+  folds, fold = data.validation.folds, data.validation.fold
+  if not folds:
+    test = load_split(data.name, data.test_split, data.data_dir, decode_images=False)
+    return Splits(train, labels, test, "test", f"{data.name}/{data.test_split}")
+  held_out = validation_fold(labels, folds, fold)
+  is_held_out = np.isin(labels, held_out)
+  kept, evaluated = np.flatnonzero(~is_held_out), np.flatnonzero(is_held_out)
+  train_labels = np.searchsorted(np.unique(labels[kept]), labels[kept])
+  return Splits(
+      RelabeledSource(train, train_labels, kept), train_labels,
+      RelabeledSource(train, labels[evaluated], evaluated), "validation",
+      f"{data.name}/{data.train_split} fold {fold + 1}/{folds} ({len(held_out)} classes)")
 
 
 def host_rows(batch_size: int, host_index: int, host_count: int) -> range:

@@ -61,12 +61,14 @@ class Evaluator:
     figures_dir: where figures go (<figures_dir>/<name>_grid.png, _recall.png); None: no figures.
     method: what is evaluated, named in the figures' titles (e.g. "small_cnn + multi_similarity").
     write_image: also receives each figure, (tag, [H, W, 3] uint8, step) (e.g. TensorBoard's).
+    split: the split's name in the figures' titles (default: data.name/data.test_split).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, source, figures_dir: Optional[str],
-               method: str = "", write_image: Optional[Callable] = None):
+               method: str = "", write_image: Optional[Callable] = None, split: str = ""):
     self.config = config
     self.source = source
+    self.split = split or f"{config.data.name}/{config.data.test_split}"
     self.figures_dir = figures_dir
     self.method = method
     self.write_image = write_image
@@ -86,11 +88,10 @@ class Evaluator:
       metrics["nmi"] = nmi(embeddings, labels, seed=config.seed)
     if self.figures_dir:
       name = figures_name or f"step_{step:06d}"
-      split = f"{config.data.name}/{config.data.test_split}"
       caption = ", ".join(p for p in (method or self.method, f"step {step}") if p)
       curve = figures.recall_curve(ks, [metrics[f"recall@{k}"] for k in ks],
-                                   title=f"{caption}: Recall@K on {split}")
-      grid = self.retrieval_grid(embeddings, labels, title=f"{caption}: nearest images on {split}")
+                                   title=f"{caption}: Recall@K on {self.split}")
+      grid = self.retrieval_grid(embeddings, labels, title=f"{caption}: nearest images on {self.split}")
       os.makedirs(self.figures_dir, exist_ok=True)
       path = os.path.join(self.figures_dir, name)
       curve.savefig(f"{path}_recall.png")
