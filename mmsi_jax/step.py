@@ -26,6 +26,7 @@ from mmsi_jax.data import transforms
 from mmsi_jax.data.sampler import EXTRA
 from mmsi_jax.losses.masked import masked_mean
 from mmsi_jax.models import MODEL_PARAMS
+from mmsi_jax.search_space import Around
 
 
 @flax.struct.dataclass
@@ -124,6 +125,11 @@ def scale_by_lr_multipliers(lr_mults: Mapping[str, float]) -> optax.GradientTran
     return jax.tree_util.tree_map_with_path(
         lambda path, u: u * lr_multiplier(_path_name(path), lr_mults), updates)
   return optax.stateless(scale)
+
+
+# The optimizer's settings a tuning study searches (search_space.py), at their config paths: the peak
+# learning rate, within 10x of the config's either way.
+OPTIMIZER_SPACE = {"optim.learning_rate": Around(10.0)}
 
 
 def create_optimizer(optim: ml_collections.ConfigDict,

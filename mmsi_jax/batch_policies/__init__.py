@@ -36,8 +36,10 @@ from mmsi_jax.batch_policies.smart_mining import SmartMiningPolicy
 from mmsi_jax.data import sampler as sampler_lib
 from mmsi_jax.data.sampler import PKSampler
 from mmsi_jax.registry import Registry
+from mmsi_jax.search_space import tunable
 
 
+@tunable()  # Nothing to tune.
 class PKPolicy:
   """The batches of the sampler `sampler` (config data.sampler: "pk", P classes x K images, or
   "random"), a pure function of (seed, step): the policy that never refreshes. Its arguments are the

@@ -43,6 +43,7 @@ from mmsi_jax.batch_policies import controller as controller_lib
 from mmsi_jax.data.sampler import ExtraSampler, class_members
 from mmsi_jax.eval.retrieval import nearest_by_class
 from mmsi_jax.references.triplets import TRIPLETS, triplet_losses
+from mmsi_jax.search_space import Float, tunable
 
 KAPPA, ERROR, MINED = "batches/kappa", "batches/error", "batches/mined"  # The refresh's metrics.
 
@@ -122,6 +123,7 @@ class PeriodSampler:
     return self.extra.extra_indices(step, num_classes, stream)
 
 
+@tunable(target_error=Float(0.5, 0.75))
 class SmartMiningPolicy:
   """Batches of T mined triplets, refreshed from the model's embedding of the training split.
 

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_row_mean
+from mmsi_jax.search_space import Float, tunable
 
 
+@tunable(alpha=Float(0.5, 8.0, log=True), beta=Float(10.0, 100.0, log=True), base=Float(0.2, 0.8))
 def binomial_deviance(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float = 2.0,
                       beta: float = 50.0, base: float = 0.5) -> jax.Array:
   """Binomial deviance, averaged over each anchor's positives and negatives, then over the B anchors.

@@ -4,7 +4,10 @@ positive and negative margins, summed over pairs per anchor as in XBM (Wang et a
 import jax
 import jax.numpy as jnp
 
+from mmsi_jax.search_space import Float, tunable
 
+
+@tunable(pos_margin=Float(0.5, 1.0), neg_margin=Float(0.0, 0.9))
 def contrastive(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, pos_margin: float = 1.0,
                 neg_margin: float = 0.8) -> jax.Array:
   """Contrastive loss, summed over each anchor's pairs and averaged over the B anchors.

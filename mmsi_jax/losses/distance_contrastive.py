@@ -4,6 +4,8 @@ as Caffe's ContrastiveLoss layer does; the loss that OSM + CAA weights (docs/MET
 import jax
 import jax.numpy as jnp
 
+from mmsi_jax.search_space import Float, tunable
+
 # The smallest squared distance: keeps the gradient of a negative pair at distance 0 finite (Caffe's
 # layer adds 1e-4 to the distance in its backward pass for the same reason).
 MIN_SQUARED_DISTANCE = 1e-12
@@ -14,6 +16,7 @@ def unit_distance(sim: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(2.0 - 2.0 * sim, MIN_SQUARED_DISTANCE))
 
 
+@tunable(margin=Float(0.5, 2.0))
 def distance_contrastive(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
                          margin: float = 1.2) -> jax.Array:
   """Contrastive loss on the distances d_ij = sqrt(2 - 2 S_ij) of unit embeddings, mean over the pairs.

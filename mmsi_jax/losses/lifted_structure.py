@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_logsumexp
+from mmsi_jax.search_space import Float, tunable
 
 
+@tunable(margin=Float(0.1, 2.0))
 def lifted_structure(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
                      margin: float = 1.0) -> jax.Array:
   """Generalised lifted structure loss, averaged over the B anchors.

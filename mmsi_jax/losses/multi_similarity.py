@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_log1p_sum_exp
+from mmsi_jax.search_space import Float, tunable
 
 
 def multi_similarity_mining(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
@@ -21,6 +22,8 @@ def multi_similarity_mining(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
   return pos & (sim - epsilon < hardest_neg), neg & (sim + epsilon > hardest_pos)
 
 
+@tunable(alpha=Float(0.5, 8.0, log=True), beta=Float(10.0, 100.0, log=True),
+          base=Float(0.2, 0.8), epsilon=Float(0.01, 0.3, log=True))
 def multi_similarity(sim: jax.Array, pos: jax.Array, neg: jax.Array,
                      multipliers: Optional[jax.Array] = None, *, alpha: float = 2.0,
                      beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1, mine: bool = True,

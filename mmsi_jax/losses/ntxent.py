@@ -4,8 +4,10 @@ supervised form for several positives per anchor (Khosla et al., NeurIPS 2020, e
 import jax
 
 from mmsi_jax.losses.masked import softmax_cross_entropy
+from mmsi_jax.search_space import Float, tunable
 
 
+@tunable(temperature=Float(0.01, 0.5, log=True))
 def ntxent(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
            temperature: float = 0.1) -> jax.Array:
   """Supervised NT-Xent, averaged over the anchors that have a positive.

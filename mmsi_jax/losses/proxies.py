@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_log1p_sum_exp, softmax_cross_entropy
+from mmsi_jax.search_space import Float, tunable
 
 
+@tunable(temperature=Float(0.01, 0.2, log=True))
 def norm_softmax(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
                  temperature: float = 0.05) -> jax.Array:
   """NormSoftmax (Zhai and Wu, "Classification is a strong baseline for DML", BMVC 2019).
@@ -25,6 +27,7 @@ def norm_softmax(sim: jax.Array, pos: jax.Array, neg: jax.Array, *,
   return softmax_cross_entropy(sim / temperature, pos, pos | neg)
 
 
+@tunable(scale=Float(16.0, 128.0, log=True), margin=Float(0.05, 0.5))
 def cosface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64.0,
             margin: float = 0.35) -> jax.Array:
   """CosFace, the large margin cosine loss (Wang et al., CVPR 2018, eq. 4).
@@ -38,6 +41,7 @@ def cosface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64
   return softmax_cross_entropy(scale * jnp.where(pos, sim - margin, sim), pos, pos | neg)
 
 
+@tunable(scale=Float(16.0, 128.0, log=True), margin=Float(0.05, 0.7))
 def arcface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64.0,
             margin: float = 0.5) -> jax.Array:
   """ArcFace, the additive angular margin loss (Deng et al., CVPR 2019, eq. 3).
@@ -59,6 +63,7 @@ def arcface(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 64
   return softmax_cross_entropy(scale * jnp.where(pos, with_margin, sim), pos, pos | neg)
 
 
+@tunable(scale=Float(3.0, 48.0, log=True))
 def proxy_nca(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 12.0,
               own_proxy_in_denominator: bool = False) -> jax.Array:
   """ProxyNCA (Movshovitz-Attias et al., "No fuss distance metric learning using proxies", ICCV 2017),
@@ -80,6 +85,7 @@ def proxy_nca(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, scale: float = 
   return softmax_cross_entropy(2.0 * scale * sim, pos, denominator)
 
 
+@tunable(alpha=Float(8.0, 64.0, log=True), margin=Float(0.0, 0.4))
 def proxy_anchor(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, alpha: float = 32.0,
                  margin: float = 0.1) -> jax.Array:
   """Proxy-Anchor (Kim et al., CVPR 2020): each proxy is an anchor against the samples.

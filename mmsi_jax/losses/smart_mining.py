@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mmsi_jax.losses.masked import masked_mean
 from mmsi_jax.losses.triplet import add_at, fold_positive_chunks
+from mmsi_jax.search_space import Float, tunable
 
 # Squared distances are floored here before the square root, so that its gradient stays finite where
 # two embeddings coincide (S = 1).
@@ -32,6 +33,7 @@ def _distance_and_slope(sim: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.jvp(_distance, (sim,), (jnp.ones_like(sim),))
 
 
+@tunable(margin=Float(0.05, 0.5, log=True))
 def ratio_triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: float = 0.2) -> jax.Array:
   """Mean over all triplets (i, p, n) of J_ipn = max(0, 1 - d_in / (d_ip + margin)), d = |x - y|.
 
@@ -81,6 +83,7 @@ def ratio_triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: flo
   return (total + jnp.sum(jax.lax.stop_gradient(grad) * (sim - stopped))) / jnp.maximum(num_triplets, 1)
 
 
+@tunable(mean_weight=Float(0.1, 10.0, log=True), margin=Float(0.0, 0.1))
 def global_loss(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, mean_weight: float = 1.0,
                 margin: float = 0.01) -> jax.Array:
   """(var+ + var-) + lambda * max(0, mean+ - mean- + t), over d = |x - y|^2 / 4 = (1 - S) / 2.
@@ -107,6 +110,8 @@ def global_loss(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, mean_weight: 
   return jnp.where(jnp.any(pos) & jnp.any(neg), loss, 0.0)
 
 
+@tunable(margin=Float(0.05, 0.5, log=True), global_weight=Float(0.1, 10.0, log=True),
+          global_margin=Float(0.0, 0.1))
 def ratio_triplet_global(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: float = 0.2,
                          global_weight: float = 1.0, mean_weight: float = 1.0,
                          global_margin: float = 0.01) -> jax.Array:

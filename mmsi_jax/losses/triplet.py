@@ -21,6 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mmsi_jax.search_space import Float, tunable
+
 # Positives of each anchor compared with its whole row at once: [B, _POSITIVE_CHUNK, M] per loop step.
 _POSITIVE_CHUNK = 32
 
@@ -143,6 +145,7 @@ def _semihard(sim, pos, neg, margin):
 _MINING = {"all": _batch_all, "hard": _batch_hard, "semihard": _semihard}
 
 
+@tunable(margin=Float(0.01, 0.5, log=True))
 def triplet(sim: jax.Array, pos: jax.Array, neg: jax.Array, *, margin: float = 0.1,
             mining: str = "all") -> jax.Array:
   """Triplet margin loss: the mean of [S_in - S_ip + margin]_+ over the selected triplets.

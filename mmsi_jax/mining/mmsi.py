@@ -54,6 +54,7 @@ from mmsi_jax.data.sampler import ExtraBatch
 from mmsi_jax.mining import memory as memory_lib
 from mmsi_jax.mining.base import Miner, MinerStep, StepInputs
 from mmsi_jax.models import HEAD, MODEL_PARAMS
+from mmsi_jax.search_space import Float, Int, tunable
 
 MODES = ("weighting_net", "l2rw")
 SCOPES = ("all", "head")
@@ -104,6 +105,7 @@ def pair_features(pairs: losses.Pairs, weights: jax.Array) -> jax.Array:
   return jnp.stack([sim, scaled_w, sign, jnp.where(valid, rank, 0.0)], axis=-1)
 
 
+@tunable(net_learning_rate=Float(1e-4, 1e-2, log=True), memory_size=Int(1, 100, log=True))
 class MMSI(Miner):
   """The MMSI miner (the miner protocol: mmsi_jax/mining/base.py), pure and jittable.
 

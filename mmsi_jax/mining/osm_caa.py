@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from mmsi_jax.mining.base import Miner, MinerStep, StepInputs
 from mmsi_jax.models.embedding import group_slices
+from mmsi_jax.search_space import Float, tunable
 
 CLASSIFIER_PARAMS = "classifier"  # The classifiers' parameter group in TrainState.params.
 ALL_FEATURES = "features"  # The classifier's name for a model whose features are one group.
@@ -85,6 +86,7 @@ def focused_cross_entropy(logits: jax.Array, labels: jax.Array, *, mean: float,
   return -jnp.sum(focus * own) / jnp.sum(focus)
 
 
+@tunable(pos_sigma=Float(0.2, 2.0, log=True), attention_sigma=Float(0.2, 2.0, log=True))
 class OSMCAA(Miner):
   """The OSM + CAA miner (the miner protocol: mmsi_jax/mining/base.py), pure and jittable.
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from mmsi_jax.models import torch_weights
 from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, compute_dtype, global_pool
+from mmsi_jax.search_space import tunable
 
 # name, 1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool ("avg"/"max"), pool projection,
 # stride. A stride-2 block has no 1x1 branch and passes its max pooling through unprojected (0).
@@ -216,6 +217,7 @@ class BNInceptionBackbone(nn.Module):
         axis=-1)
 
 
+@tunable()  # A backbone is the protocol's: nothing to tune.
 def bn_inception(embed_dim: int = 512, pooling: str = "max", frozen_bn: bool = False,
                  pretrained: str = "", frozen_bn_affine: bool = True,
                  dtype: str = "float32", layout: str = "pooled") -> EmbeddingNet:

@@ -23,6 +23,7 @@ from mmsi_jax.models import torch_weights
 from mmsi_jax.models.bn_inception import BatchNorm
 from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, compute_dtype, global_pool
+from mmsi_jax.search_space import tunable
 
 # torchvision's initialisation: kaiming_normal_(mode="fan_out", nonlinearity="relu"); BatchNorm 1, 0.
 KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -98,6 +99,7 @@ def _resnet(stage_sizes, bottleneck, weights_file, embed_dim, pooling, frozen_bn
                                      pretrained, dtype, last_stride, stem_relu), embed_dim, dtype)
 
 
+@tunable()  # A backbone is the protocol's: nothing to tune.
 def resnet18(embed_dim: int = 512, pooling: str = "avg", frozen_bn: bool = False,
              frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32",
              last_stride: int = 2, stem_relu: bool = True) -> EmbeddingNet:
@@ -108,6 +110,7 @@ def resnet18(embed_dim: int = 512, pooling: str = "avg", frozen_bn: bool = False
                  frozen_bn_affine, pretrained, dtype, last_stride, stem_relu)
 
 
+@tunable()  # A backbone is the protocol's: nothing to tune.
 def resnet50(embed_dim: int = 512, pooling: str = "avg", frozen_bn: bool = False,
              frozen_bn_affine: bool = True, pretrained: str = "", dtype: str = "float32",
              last_stride: int = 2, stem_relu: bool = True) -> EmbeddingNet:

@@ -7,6 +7,7 @@ import jax
 
 from mmsi_jax.models.conv import Conv
 from mmsi_jax.models.embedding import EmbeddingNet, compute_dtype, global_pool
+from mmsi_jax.search_space import tunable
 
 
 class ConvBackbone(nn.Module):
@@ -27,6 +28,7 @@ class ConvBackbone(nn.Module):
     return global_pool(x, "max_avg")
 
 
+@tunable()  # A backbone is the protocol's: nothing to tune.
 def small_cnn(embed_dim: int = 64, widths: Sequence[int] = (32, 64, 128),
               dtype: str = "float32") -> EmbeddingNet:
   """The small CNN: conv stages of the given widths, embedding of dimension embed_dim; activations in

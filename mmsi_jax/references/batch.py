@@ -4,8 +4,10 @@ import jax
 
 from mmsi_jax import losses
 from mmsi_jax.references.base import References
+from mmsi_jax.search_space import tunable
 
 
+@tunable()  # Nothing to tune.
 class BatchReferences(References):
   """S [B, B] of the batch against itself (each anchor's own column masked); no state."""
   kind = "pair"

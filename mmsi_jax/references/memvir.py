@@ -33,6 +33,7 @@ from mmsi_jax import losses
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.base import References
 from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies
+from mmsi_jax.search_space import Int, ShareOfRun, tunable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: checks.
 
@@ -66,6 +67,8 @@ def queue_bytes(*, num_classes: int, embed_dim: int, batch_size: int, num_steps:
   return queue_steps(num_steps, step_gap) * per_step
 
 
+@tunable(num_steps=Int(2, 50, log=True), step_gap=Int(1, 30, log=True),
+         warmup_steps=ShareOfRun(0.0, 0.75))
 class MemoryVirtualClasses(References):
   """Class proxies and, after the warm-up, past steps' embeddings and proxies as virtual classes.
 

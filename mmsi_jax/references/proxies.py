@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mmsi_jax import losses
 from mmsi_jax.references.base import References
+from mmsi_jax.search_space import tunable
 
 PROXY_PARAMS = "proxies"  # The proxies' parameter group in TrainState.params (and in optim.lr_mults).
 INITS = ("normal", "kaiming_fan_out", "uniform")
@@ -38,6 +39,7 @@ def init_proxies(rng: jax.Array, num_classes: int, embed_dim: int, init: str,
   raise ValueError(f"references.proxies.init={init!r} is not one of {INITS}.")
 
 
+@tunable()  # Nothing to tune.
 class ClassProxies(References):
   """S [B, C] of the batch against the L2-normalised proxies, the proxy loss over it; no state.
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mmsi_jax import losses
 from mmsi_jax.references.base import References
+from mmsi_jax.search_space import tunable
 
 TRIPLETS = "triplets"  # The batch layout this component reads (a batch policy's `layout`).
 ACTIVE = "triplets/active"  # The metric: share of the batch's triplets with a non-zero loss.
@@ -28,6 +29,7 @@ def triplet_losses(loss_fn, hparams: dict, sim_ap: jax.Array, sim_an: jax.Array)
   return jax.vmap(one)(sim_ap, sim_an)
 
 
+@tunable()  # Nothing to tune.
 class TripletReferences(References):
   """S [B, B] of a triplet batch against itself; pos and neg hold one pair per triplet. No state."""
   kind = "pair"

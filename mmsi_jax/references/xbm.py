@@ -21,8 +21,10 @@ import jax.numpy as jnp
 from mmsi_jax import losses
 from mmsi_jax.mining import memory as memory_lib
 from mmsi_jax.references.base import References
+from mmsi_jax.search_space import Int, ShareOfRun, tunable
 
 
+@tunable(size=Int(256, 65536, log=True), start_step=ShareOfRun(0.0, 0.75))
 class CrossBatchMemory(References):
   """The batch against itself and against a memory of `size` past embeddings.
 
