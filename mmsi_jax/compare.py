@@ -15,6 +15,12 @@ Writes <workdir>/results.md and results.csv (per variant: mean and sd over seeds
 metric, the wall time per run and the step time against the plain loss's, failed runs with their
 error) after each run, and recall_at_1.png (Recall@1 over training, mean and a +-sd band over seeds) and
 final_recall_at_1.png (final Recall@1, +-sd error bars) at the end.
+
+With --tuned=TUNE_WORKDIR (the --workdir of mmsi_jax.tune), each variant also runs with the settings its
+study found best (TUNE_WORKDIR/<variant>/tuned_config.py), as the row "<variant> (tuned)", in
+<workdir>/<variant>_tuned/seed_<seed>; a variant without a study runs its authors' settings alone, and
+one whose study found its authors' settings best has them as its tuned runs too; each says so.
+results.md then ends with a table of each variant's authors' and tuned settings side by side.
 """
 
 import contextlib
@@ -36,7 +42,7 @@ import numpy as np
 
 from mmsi_jax import config_cli
 from mmsi_jax import main as main_lib
-from mmsi_jax import mining, references, reporting, run_record
+from mmsi_jax import mining, references, reporting, run_record, search_space
 from mmsi_jax.eval import figures
 
 # --config (the file, without a variant, and its --config.a.b=value overrides for every run) and
@@ -52,6 +58,8 @@ _PARALLEL = flags.DEFINE_integer(
     "at once share its cores.")
 _RUN = flags.DEFINE_bool("run", True, "Run what is not finished; --norun: only write the table and "
                          "figures of the runs there are (also while another compare runs them).")
+_TUNED = flags.DEFINE_string("tuned", "", "The workdir of mmsi_jax.tune: each variant also runs with "
+                             "its tuned settings, <tuned>/<variant>/tuned_config.py, where it has them.")
 
 POLL_SECONDS = 5.0  # How often the running runs are checked.
 PROGRESS_SECONDS = 60.0  # Most seconds between two progress lines.
@@ -59,6 +67,7 @@ STATUS_FILE = "compare.json"  # In each run's workdir: wall seconds spent, attem
 LOG_FILE = "run.log"  # In each run's workdir: the run's stdout and stderr, every attempt appended.
 LOCK_FILE = "compare.lock"  # In the comparison's workdir while a compare runs there: its process id.
 PRIMARY_METRIC = "recall@1"
+TUNED = " (tuned)"  # The row of a variant run with its tuned settings.
 
 
 @dataclasses.dataclass
@@ -67,6 +76,7 @@ class Run:
   seed: int
   workdir: str
   config: ml_collections.ConfigDict  # As the run's process builds it: the variant, overrides, seed.
+  config_spec: str = ""  # Its process's --config: FILE:VARIANT, or a variant's tuned config file.
 
   @property
   def num_steps(self) -> int:
@@ -117,14 +127,20 @@ def config_overrides(argv: list[str]) -> list[str]:
   return overrides
 
 
+def config_spec(config_path: str, variant: str) -> str:
+  """The --config of a run of `variant` of the file `config_path` ("": the file's own config)."""
+  return f"{config_path}:{variant}" if variant else config_path
+
+
 def variant_config(config_path: str, variant: str, overrides: list[str],
                    seed: int) -> ml_collections.ConfigDict:
-  """The config a run of `variant` trains with, as its `mmsi_jax.main` process makes it: the variant's,
-  the overrides applied by the same rules (config_cli), then the seed."""
+  """The config a run of `variant` ("": the file's own config) trains with, as its `mmsi_jax.main`
+  process makes it: the variant's, the overrides applied by the same rules (config_cli), then the
+  seed."""
   try:
-    config, _ = config_cli.resolve(f"{config_path}:{variant}", overrides)
+    config, _ = config_cli.resolve(config_spec(config_path, variant), overrides)
   except config_cli.ConfigError as e:
-    raise app.UsageError(f"{variant}: {e}") from None
+    raise app.UsageError(f"{variant or config_path}: {e}") from None
   with config.unlocked():
     config.seed = seed
   return config
@@ -272,14 +288,15 @@ def write_csv(rows: list[dict], path: str) -> None:
       writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
+def _cell(mean: float, sd: float, digits: int = 4) -> str:
+  """"mean ± sd" ("" without a mean, the mean alone without an sd)."""
+  if math.isnan(mean):
+    return ""
+  return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
 def write_markdown(rows: list[dict], path: str, title: str) -> None:
   metrics, _ = _columns(rows)
-
-  def cell(mean, sd, digits=4):
-    if math.isnan(mean):
-      return ""
-    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
-
   header = ["variant", "seeds", *metrics, "wall (s)", "step (ms)", "step / plain"]
   lines = [f"# {title}", "",
            "Mean ± sample sd over the finished seeds. Wall: a run's process, start to end; step: the "
@@ -291,15 +308,90 @@ def write_markdown(rows: list[dict], path: str, title: str) -> None:
     ratio = "" if math.isnan(row["step_time_vs_plain"]) else f"{row['step_time_vs_plain']:.2f} ({plain})"
     seeds = f"{row['finished']}/{row['runs']}" + (f", {row['failed']} failed" if row["failed"] else "")
     lines.append("| " + " | ".join([
-        row["variant"], seeds, *(cell(row.get(f"{m}_mean", math.nan), row.get(f"{m}_std", math.nan))
+        row["variant"], seeds, *(_cell(row.get(f"{m}_mean", math.nan), row.get(f"{m}_std", math.nan))
                                  for m in metrics),
-        cell(row["wall_seconds_mean"], row["wall_seconds_std"], 0),
-        cell(row["step_ms_mean"], row["step_ms_std"], 1), ratio]) + " |")
+        _cell(row["wall_seconds_mean"], row["wall_seconds_std"], 0),
+        _cell(row["step_ms_mean"], row["step_ms_std"], 1), ratio]) + " |")
   errors = [row for row in rows if row["errors"]]
   if errors:
     lines += ["", "Failed runs:", ""] + [f"- {row['variant']}: {row['errors']}" for row in errors]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def tuned_studies(tuned_dir: str, variants: list[str]) -> dict[str, Any]:
+  """{variant: its tuned config (a module)} of the variants whose study in `tuned_dir` (mmsi_jax.tune's
+  workdir) has finished a trial; says which variants have none, and which studies found the authors'
+  settings best."""
+  studies = {}
+  for variant in variants:
+    path = os.path.join(tuned_dir, variant, search_space.TUNED_CONFIG)
+    if not os.path.exists(path):
+      print(f"{variant}: no tuned settings ({path} is missing: no study there has finished a trial); "
+            f"it runs its authors' settings alone.", flush=True)
+      continue
+    try:
+      studies[variant] = config_cli.load_module(path)
+    except config_cli.ConfigError as e:
+      raise app.UsageError(str(e)) from None
+    if studies[variant].AUTHORS:
+      print(f"{variant}: its study found its authors' settings best; its authors' runs are its tuned "
+            f"runs.", flush=True)
+  return studies
+
+
+def make_runs(config_path: str, variants: list[str], seeds: list[int], overrides: list[str],
+              workdir: str, tuned: dict[str, Any]) -> tuple[dict[str, ml_collections.ConfigDict],
+                                                          list[Run]]:
+  """The config of each row of the table (seed 0's) and the runs of every row, seed by seed (an early
+  stop still covers each row): each variant, and "<variant> (tuned)" with the settings of `tuned`
+  (tuned_studies) where they are not its authors'."""
+  sources = {v: (config_path, v, os.path.join(workdir, v)) for v in variants}
+  sources.update({v + TUNED: (study.__file__, "", os.path.join(workdir, f"{v}_tuned"))
+                  for v, study in tuned.items() if not study.AUTHORS})
+  configs = {row: variant_config(path, variant, overrides, seeds[0])
+             for row, (path, variant, _) in sources.items()}
+  runs = [Run(row, seed, os.path.join(directory, f"seed_{seed}"),
+              variant_config(path, variant, overrides, seed), config_spec(path, variant))
+          for seed in seeds for row, (path, variant, directory) in sources.items()]
+  return configs, runs
+
+
+def tuned_table(rows: list[dict], variants: list[str], tuned: dict[str, Any], tuned_dir: str
+                ) -> list[str]:
+  """Markdown lines: each variant with its authors' settings and with its tuned ones (`tuned`, from
+  `tuned_dir`: tuned_studies), side by side."""
+  by_name = {row["variant"]: row for row in rows}
+  metrics = ("map@r", PRIMARY_METRIC)
+
+  def describe(settings: dict) -> str:
+    return ", ".join(f"{path.rsplit('.', 1)[-1]} " + (f"{value.of_run:.2f} of the run" if isinstance(
+        value, search_space.Share) else f"{value:.3g}") for path, value in settings.items())
+
+  def number(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+  lines = ["", "## Authors' settings and tuned", "",
+           f"Tuned: the best trial of each variant's study (mmsi_jax.tune, {tuned_dir}). Validation "
+           "MAP@R: the study's trial of the authors' settings and its best, each the mean over its "
+           "validation folds; test: mean ± sample sd over the finished seeds.", "",
+           "| variant | tuned settings | validation MAP@R, authors' | validation MAP@R, tuned | "
+           + " | ".join(f"{m}, authors' | {m}, tuned" for m in metrics) + " |",
+           "|" + "---|" * (4 + 2 * len(metrics))]
+  for variant in variants:
+    study = tuned.get(variant)
+    authors = by_name[variant]
+    if study is None:
+      settings, validation, own = "none: no study", ("", ""), {}
+    else:
+      settings = ("the authors'" if study.AUTHORS else describe(study.SETTINGS)) + \
+          f" (trial {study.TRIAL})"
+      validation = number(study.AUTHORS_VALIDATION_MAP_AT_R), number(study.VALIDATION_MAP_AT_R)
+      own = authors if study.AUTHORS else by_name[variant + TUNED]
+    cells = [_cell(row.get(f"{m}_mean", math.nan), row.get(f"{m}_std", math.nan))
+             for m in metrics for row in (authors, own)]
+    lines.append("| " + " | ".join([variant, settings, *validation, *cells]) + " |")
+  return lines
 
 
 def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str]:
@@ -326,8 +418,7 @@ def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str
   return paths
 
 
-def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list[dict],
-            on_finish) -> None:
+def run_all(runs: list[Run], overrides: list[str], slots: list[dict], on_finish) -> None:
   """Runs every run in its own `mmsi_jax.main` process, len(slots) at once, printing overall progress
   (finished runs, steps done of all, and the ETA from the step rate so far); `on_finish()` after each."""
   pending = list(runs)
@@ -346,7 +437,7 @@ def run_all(runs: list[Run], config_path: str, overrides: list[str], slots: list
         log = open(os.path.join(run.workdir, LOG_FILE), "a")
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: attempt {run.status()['attempts'] + 1}\n")
         log.flush()
-        command = [sys.executable, "-m", "mmsi_jax.main", f"--config={config_path}:{run.variant}",
+        command = [sys.executable, "-m", "mmsi_jax.main", f"--config={run.config_spec}",
                    f"--workdir={run.workdir}", f"--config.seed={run.seed}", *overrides]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **slots[slot], "PYTHONUNBUFFERED": "1"})
@@ -446,10 +537,8 @@ def main(argv: list[str]) -> None:
   except ValueError:
     raise app.UsageError(f"--seeds must be integers, e.g. 0,1,2; got {_SEEDS.value}.") from None
   workdir = FLAGS.workdir
-  configs = {v: variant_config(config_path, v, overrides, seeds[0]) for v in variants}
-  runs = [Run(v, seed, os.path.join(workdir, v, f"seed_{seed}"),
-              variant_config(config_path, v, overrides, seed))
-          for seed in seeds for v in variants]  # Seed by seed: an early stop still covers each variant.
+  tuned = tuned_studies(_TUNED.value, variants) if _TUNED.value else {}
+  configs, runs = make_runs(config_path, variants, seeds, overrides, workdir, tuned)
   # A run resumes with more steps; a table reads a run as finished at its own last step.
   otherwise = made_otherwise(runs, also=() if _RUN.value else ("train.num_steps",))
   if otherwise:
@@ -463,8 +552,10 @@ def main(argv: list[str]) -> None:
   todo = [r for r in runs if r.final_metrics() is None]
   platform, count = local_devices()
   slots = device_slots(platform, count, _DEVICES_PER_RUN.value, _PARALLEL.value)
-  print(f"{len(variants)} variants x {len(seeds)} seeds: {len(runs) - len(todo)} runs finished, "
-        f"{len(todo)} to run, {len(slots)} at once ({count} {platform} device(s)).", flush=True)
+  also_tuned = f" ({len(configs) - len(variants)} also tuned)" if tuned else ""
+  print(f"{len(variants)} variants{also_tuned} x {len(seeds)} seeds: {len(runs) - len(todo)} runs "
+        f"finished, {len(todo)} to run, {len(slots)} at once ({count} {platform} device(s)).",
+        flush=True)
   os.makedirs(workdir, exist_ok=True)
   title = f"{config_path}: {len(variants)} variants x seeds {','.join(map(str, seeds))}"
   started = time.perf_counter()
@@ -473,13 +564,16 @@ def main(argv: list[str]) -> None:
     rows = summarize(runs, configs)
     write_csv(rows, os.path.join(workdir, "results.csv"))
     write_markdown(rows, os.path.join(workdir, "results.md"), title)
+    if _TUNED.value:
+      with open(os.path.join(workdir, "results.md"), "a") as f:
+        f.write("\n".join(tuned_table(rows, variants, tuned, _TUNED.value)) + "\n")
 
   if _RUN.value:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("Stopped: the runs resume on the next call."))
     with workdir_lock(workdir):
-      run_all(todo, config_path, overrides, slots, write_tables)
+      run_all(todo, overrides, slots, write_tables)
   write_tables()
-  drawn = draw_figures(runs, variants, workdir)
+  drawn = draw_figures(runs, list(configs), workdir)
   with open(os.path.join(workdir, "results.md")) as f:
     print("\n" + f.read(), flush=True)
   print(f"Wrote {', '.join(os.path.join(workdir, n) for n in ('results.md', 'results.csv'))}"
