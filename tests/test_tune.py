@@ -1,7 +1,7 @@
-"""The tuning protocol (docs/METHODS.md, "Tuning") on tiny runs of tests/compare_config.py: validation
-classes (disjoint, deterministic, covering the training classes, the test split never read), a study
-that resumes to N trials in all, a failing trial, pruning fed by the trainer's periodic validation metric,
-the search spaces of every component and variant, and compare --tuned."""
+"""The tuning protocol (docs/METHODS.md, "Tuning") on tiny runs of configs/demo.py:ms: validation classes
+(disjoint, deterministic, covering the training classes, the test split never read), a study that
+resumes to N trials in all, a failing trial, pruning fed by the trainer's periodic validation metric,
+the search spaces of every component and variant, and compare --tuned (tests/compare_config.py)."""
 
 import contextlib
 import copy
@@ -184,7 +184,7 @@ def test_pruning_reads_the_trainers_periodic_validation_metric(study):
 
 
 def registries():
-  """(kind, component name, its factory) of every registered component a config selects."""
+  """(kind, name, registry) of every registered component a config selects (config_cli.COMPONENTS)."""
   for kind in config_cli.COMPONENTS:
     for name in kind.names():
       registry = kind.registry_of(name)
