@@ -219,7 +219,9 @@ def test_a_switched_loss_trains_from_the_command_line_and_ctrl_c_says_how_to_res
        # The small model and evaluation of the other tests: programs compiled once.
        "--config.model.widths=8,16", "--config.model.embed_dim=16", "--config.data.classes_per_batch=8",
        "--config.data.eval_batch_size=600"],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      # Ctrl-C's default action even where this test runs in the background (which ignores SIGINT).
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   printed = []
   for line in run.stdout:  # Interrupted once step 10 is logged (and its checkpoint under way).
     printed.append(line)

@@ -49,9 +49,16 @@ def latest_params(workdir):
   return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  final = train.train_and_evaluate(tiny_config(glyphs_dir), workdir)
+@pytest.fixture(scope="module")
+def tiny_run(glyphs_dir, tmp_path_factory):
+  """(workdir, final metrics) of one finished tiny_config run of 20 steps, shared by the tests that
+  only read it."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, train.train_and_evaluate(tiny_config(glyphs_dir), workdir)
+
+
+def test_short_run_learns_and_writes_its_outputs(tiny_run):
+  workdir, final = tiny_run
   records = reporting.read_metrics(workdir)
   train_losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert [r["step"] for r in records if "train/loss" in r] == [5, 10, 15, 20]
@@ -79,18 +86,12 @@ def test_short_run_learns_and_writes_its_outputs(glyphs_dir, tmp_path):
 
 
 def method_config(data_dir, method):
-  """tiny_config with a method: "none" (MS), "mmsi", "proxy_anchor" (class proxies at 10x the
-  learning rate), "xbm" (contrastive with a memory of 100 slots from step 4), "memvir" (NormSoftmax
-  with MemVir's queues from step 4, N 2, M 2, in random batches), "osm_caa" or "smart_mining" (batches
-  of 8 triplets mined anew every 10 steps, the ratio triplet and global loss)."""
-  config = tiny_config(data_dir, miner="mmsi" if method == "mmsi" else "none")
-  if method == "proxy_anchor":
-    config.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", hparams={}))
-    config.references.name = "proxies"
-    config.optim.lr_mults.proxies = 10.0
-  elif method == "xbm":
-    config.loss = ml_collections.ConfigDict(
-        dict(name="contrastive", hparams=dict(pos_margin=1.0, neg_margin=0.5)))
+  """tiny_config with a method: "mmsi_xbm" (MMSI weighting the pairs of MS over the batch and XBM's
+  memory of 100 slots from step 4), "memvir" (NormSoftmax with MemVir's queues from step
+  4, N 2, M 2, in random batches, its proxies at 10x), "osm_caa" or "smart_mining" (batches of 8
+  triplets mined anew every 10 steps, the ratio triplet and global loss)."""
+  config = tiny_config(data_dir, miner="mmsi" if method == "mmsi_xbm" else "none")
+  if method == "mmsi_xbm":  # With MS, whose pair weights vary (a contrastive loss's are constant).
     config.references.name = "xbm"
     config.references.xbm.update(size=100, start_step=4)
   elif method == "memvir":
@@ -113,8 +114,9 @@ def method_config(data_dir, method):
 
 
 # Every method's state on top of the plain run's (parameters, Adam or SGD state, BatchNorm statistics,
-# rng, data position): a plain-loss case would add nothing that these do not check.
-@pytest.mark.parametrize("method", ["mmsi", "proxy_anchor", "xbm", "memvir", "osm_caa", "smart_mining"])
+# rng, data position): a plain-loss case would add nothing that these do not check. MMSI and XBM in one
+# run (their composition); MemVir's proxies with their optimizer state stand for every proxy loss's.
+@pytest.mark.parametrize("method", ["mmsi_xbm", "memvir", "osm_caa", "smart_mining"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp_path, monkeypatch,
                                                                   method):
   config = method_config(glyphs_dir, method)
@@ -124,21 +126,20 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   # It learns, with every method (XBM's total grows as its memory fills: its batch term falls). Smart
   # Mining's triplets are mined harder as the model learns, so that its loss need not fall; the demo
   # shows what it learns (docs/BENCHMARKS.md).
-  tracked = "xbm/batch_loss" if method == "xbm" else "train/loss"
+  tracked = "xbm/batch_loss" if method == "mmsi_xbm" else "train/loss"
   train_losses = [r[tracked] for r in records if tracked in r]
   assert method == "smart_mining" or train_losses[-1] < train_losses[0]
   # 20 tiny steps show each of the 100 proxies about 6 samples: too few. OSM + CAA's 20 SGD steps on
-  # noisy labels go mostly to its 100-class classifier.
-  if method not in ("proxy_anchor", "memvir", "osm_caa", "smart_mining"):
+  # noisy labels go mostly to its 100-class classifier. Smart Mining's triplets: see above.
+  if method == "mmsi_xbm":  # Meta-weighting was on after the warm-up, with non-uniform weights.
     assert final["test/recall@1"] > final["baseline/recall@1"]
+    np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
+    assert records[-2]["mmsi/pos_weight"] != 1.0
   if method == "smart_mining":  # Refreshed before steps 1 and 11 (the resume below is at 10).
     refreshes = [r for r in records if "batches/mined" in r]
     assert [r["step"] for r in refreshes] == [1, 11]
     assert all(r["batches/mined"] > 0.2 for r in refreshes)
     assert refreshes[0]["batches/kappa"] != refreshes[1]["batches/kappa"]  # The controller moved it.
-  if method == "mmsi":  # Meta-weighting was on after the warm-up, with non-uniform weights.
-    np.testing.assert_allclose([r["mmsi/ready"] for r in records if "mmsi/ready" in r], [0.2, 1, 1, 1])
-    assert records[-2]["mmsi/pos_weight"] != 1.0
 
   killed = str(tmp_path / "killed")
   real_make_train_step = train.make_train_step
@@ -175,21 +176,19 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
   assert step_a == step_b == 20
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
-  if method == "mmsi":  # The memory dictionary is part of the checkpoint and resumes exactly.
+  if method == "mmsi_xbm":  # MMSI's dictionary and XBM's memory are part of the checkpoint.
     memory = state_b["miner"]["memory"]
     assert 8 < np.asarray(memory["valid"]).sum() <= 100  # One slot per class seen (of 100).
-  if method == "xbm":  # So is XBM's memory: full after 16 steps of 32 from step 4.
-    assert np.asarray(state_b["references"]["valid"]).all()
+    assert np.asarray(state_b["references"]["valid"]).all()  # Full after 16 steps of 32 from step 4.
     assert int(state_b["references"]["heads"][0]) == 16 * 32
   if method == "smart_mining":  # And the batch policy's last period and its controller.
     assert int(state_b["batches"]["first_step"]) == 10
     assert int(state_b["batches"]["controller"]["count"]) == 2
-  if method == "proxy_anchor":  # And the proxies, with their optimizer state.
-    assert state_b["params"]["proxies"].shape == (100, 16)
-  if method == "memvir":  # And MemVir's queues: 16 steps pushed from step 4, the ring of 7 wrapped.
-    queues = state_b["references"]
+  if method == "memvir":  # And MemVir's queues (16 steps pushed from step 4, the ring of 7 wrapped),
+    queues = state_b["references"]  # its proxies and their Adam moments (compared above).
     assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 100, 16)
     assert records[-2]["memvir/classes"] == 300
+    assert state_b["params"]["proxies"].shape == (100, 16)
   if method == "osm_caa":  # And the classifier (features -> 100 classes), with its SGD momentum.
     kernel_shape = state_b["params"]["classifier"]["features"]["kernel"].shape
     assert kernel_shape[1] == 100
@@ -242,9 +241,8 @@ def test_invalid_settings_fail_before_any_work(glyphs_dir, tmp_path):
   assert not (tmp_path / "data").exists()
 
 
-def test_init_from_starts_a_new_run_from_another_runs_weights(glyphs_dir, tmp_path):
-  first = str(tmp_path / "first")
-  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=20), first)
+def test_init_from_starts_a_new_run_from_another_runs_weights(glyphs_dir, tmp_path, tiny_run):
+  first = tiny_run[0]
   _, first_state = latest_params(first)
   weights = train.checkpointing.read_weights(first)
   for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(
@@ -255,14 +253,13 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(glyphs_dir, tmp_pa
   config.init_from = os.path.join(first, "checkpoints", "20")  # One checkpoint, named.
   second = str(tmp_path / "second")
   train.train_and_evaluate(config, second)
-  fresh = str(tmp_path / "fresh")
-  train.train_and_evaluate(tiny_config(glyphs_dir, num_steps=10), fresh)
 
   def losses_of(workdir):
     return [r["train/loss"] for r in reporting.read_metrics(workdir) if "train/loss" in r]
-  # Steps count from 0 again, from the trained weights: the loss starts where the first run ended.
+  # Steps count from 0 again, from the trained weights: the loss starts where the first run ended,
+  # below the first run's own start (its steps 1-5 are those of a fresh run: a constant rate).
   assert [r["step"] for r in reporting.read_metrics(second) if "train/loss" in r] == [5, 10]
-  assert losses_of(second)[0] < losses_of(fresh)[0]
+  assert losses_of(second)[0] < losses_of(first)[0]
   assert losses_of(second)[0] < 1.1 * losses_of(first)[-1]
 
   config.init_from = str(tmp_path / "nothing_here")
