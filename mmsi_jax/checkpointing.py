@@ -5,8 +5,11 @@ killed mid-save leaves at worst an unfinished temporary directory, which is igno
 latest finished checkpoint is the one restored.
 """
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Any, Optional
 
 import jax
@@ -48,8 +51,29 @@ def latest_step(workdir: str) -> Optional[int]:
                                ).latest_step()
 
 
+@contextlib.contextmanager
+def interrupt_after():
+  """Ctrl-C (SIGINT) inside the block takes effect as KeyboardInterrupt once the block has ended, so
+  that it cannot cut a checkpoint's start short (orbax waits there for the previous save). Where
+  SIGINT has another handler, or off the main thread, the block runs as it is."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state))
+  """Starts writing the checkpoint of `step` (asynchronously; Ctrl-C meanwhile: `interrupt_after`)."""
+  with interrupt_after():
+    mngr.save(step, args=ocp.args.StandardSave(state))
 
 
 def _checkpoint_location(path: str) -> tuple[str, Optional[int]]:
