@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
@@ -92,6 +93,14 @@ def load_module(path: str):
   """The config file at `path` as a module (its get_config, and VARIANTS where it lists them)."""
   if not os.path.isfile(path):
     raise ConfigError(f"--config={path}: no such config file (e.g. --config=configs/demo.py).")
+  # A config in a package (configs/__init__.py) imports its siblings by the package's name (`from
+  # configs import default`): the package's parent must be importable, whatever the working directory
+  # and however the command was started (`python -m`, or an installed console command).
+  config_dir = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(config_dir, "__init__.py")):
+    package_parent = os.path.dirname(config_dir)
+    if package_parent not in map(os.path.abspath, sys.path):
+      sys.path.append(package_parent)
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
