@@ -7,7 +7,7 @@ Importing the package loads nothing heavy: each name is imported on first use.
   train_and_evaluate(config, workdir)        a training run, as `python -m mmsi_jax.main` starts it
   load(path)                                 a trained model (a workdir or an exported .npz) as an
                                              embedding function with its preprocessing
-  export(workdir, path)                      a workdir's model as one .npz with its config
+  export_model(workdir, path)                a workdir's model as one .npz with its config
 """
 
 import importlib
@@ -24,10 +24,10 @@ if sys.version_info < MIN_PYTHON:
       % (MIN_PYTHON + tuple(sys.version_info[:2]) + (sys.executable,)))
 
 _SUBMODULES = ("eval", "losses", "mining", "models", "references")
-_FUNCTIONS = {"load": "mmsi_jax.inference", "export": "mmsi_jax.inference",
+_FUNCTIONS = {"load": "mmsi_jax.inference", "export_model": "mmsi_jax.inference",
               "Embedder": "mmsi_jax.inference", "train_and_evaluate": "mmsi_jax.train"}
 
-__all__ = ["Embedder", "__version__", "eval", "export", "load", "losses", "mining", "models",
+__all__ = ["Embedder", "__version__", "eval", "export_model", "load", "losses", "mining", "models",
            "references", "train_and_evaluate"]
 
 
