@@ -284,10 +284,14 @@ def require_file(path: str, what: str) -> None:
   """Stops a model's construction when its `pretrained` file is missing; `what` names the weights and
   the file to put there."""
   if path and not os.path.isfile(path):
+    from mmsi_jax.models import fetch  # pylint: disable=g-import-not-at-top  (a missing file only)
+    command = fetch.command_for(path)
+    download = (f"Download it with `{command}` (docs/WEIGHTS.md), or put" if command else
+                "Put")
     raise WeightsError(
-        f"model.pretrained={path!r}: no such file. Put {what} there (or that state dict saved as .npz: "
-        f"see mmsi_jax/models/torch_weights.py), or pass --config.model.pretrained='' to start from "
-        f"random initialisation.")
+        f"model.pretrained={path!r}: no such file. {download} {what} there (or that state dict saved "
+        f"as .npz: see mmsi_jax/models/torch_weights.py), or pass --config.model.pretrained='' to "
+        f"start from random initialisation.")
 
 
 class Pretrained:
