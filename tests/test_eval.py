@@ -5,6 +5,7 @@ Embeddings are multiples of 1/64 with small norms, so every inner product is exa
 the summation order: the brute force and the device then see the very same similarities, ties included.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ from PIL import Image
 import pytest
 from scipy import stats
 
+from configs import demo
 from mmsi_jax.eval import figures, kmeans, nearest_neighbors, nmi, normalized_mutual_information
-from mmsi_jax.eval import retrieval, retrieval_metrics
+from mmsi_jax.eval import evaluator, retrieval, retrieval_metrics
 
 
 def brute_force_order(sim_row: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -353,3 +355,78 @@ def test_comparison_figures_give_each_variant_its_own_colour_and_bars_start_at_z
                             metric="recall@1")
   assert bars.axes[0].get_ylim()[0] == 0.0
   assert len({tuple(p.get_facecolor()) for p in bars.axes[0].patches}) == len(names)
+
+
+class EncodedSplit:
+  """A split of `images` [N, H, W, 3] uint8, stored as PNG bytes, with `labels` [N]."""
+
+  def __init__(self, images, labels):
+    self.records = []
+    for image, label in zip(images, labels):
+      encoded = io.BytesIO()
+      Image.fromarray(image).save(encoded, format="PNG")
+      self.records.append({"image": encoded.getvalue(), "label": int(label)})
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    return self.records[index]
+
+  def __getitems__(self, indices):
+    return [self.records[i] for i in indices]
+
+
+def test_raw_pixel_baseline_is_computed_once_and_read_back_alike(tmp_path, monkeypatch):
+  """The baseline of a split and its settings is computed once, kept beside the dataset, and read back
+  by later evaluators as the same metrics, figure files and TensorBoard images; another split, another
+  setting or an unwritable data_dir computes it."""
+  rng = np.random.default_rng(0)
+  images, labels = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8), np.repeat(np.arange(6), 4)
+  config = demo.get_config()
+  config.data.data_dir = str(tmp_path / "data")
+  config.eval.update(nmi=False, grid_queries=2, grid_results=2)
+  computed = []
+  real_raw_pixels = evaluator.raw_pixels
+  monkeypatch.setattr(evaluator, "raw_pixels", lambda *a: computed.append(1) or real_raw_pixels(*a))
+
+  def baseline(split, name, config=config):
+    """(metrics, {figure: its PNG file's bytes}, {(tag, step): the image written to TensorBoard})."""
+    written = {}
+    run = evaluator.Evaluator(config, split, str(tmp_path / name),
+                              write_image=lambda tag, image, step: written.update({(tag, step): image}))
+    metrics = run.raw_pixel_baseline()
+    files = {f: (tmp_path / name / f"baseline_{f}.png").read_bytes() for f in ("grid", "recall")}
+    return metrics, files, written
+
+  split = EncodedSplit(images, labels)
+  first = baseline(split, "first")
+  assert computed and set(first[2]) == {("baseline/retrieval_grid", 0), ("baseline/recall_at_k", 0)}
+  direct = evaluator.Evaluator(config, split, None).evaluate(
+      lambda x: real_raw_pixels(x, config.eval.baseline_side), "baseline", 0)
+  assert first[0] == direct
+  computed.clear()
+  second = baseline(split, "second")
+  assert not computed and second[:2] == first[:2]
+  for key, image in first[2].items():
+    np.testing.assert_array_equal(second[2][key], image)
+  cache = os.path.join(config.data.data_dir, evaluator.BASELINE_CACHE)
+  assert len(os.listdir(cache)) == 1
+
+  relabelled = EncodedSplit(images, np.roll(labels, 1))
+  assert baseline(relabelled, "relabelled")[0] != first[0] and computed
+  assert len(os.listdir(cache)) == 2
+  computed.clear()
+  unwritable = config.copy_and_resolve_references()
+  (tmp_path / "a_file").write_text("")
+  unwritable.data.data_dir = str(tmp_path / "a_file" / "data")
+  assert baseline(split, "unwritable", unwritable)[:2] == first[:2] and computed
+  # Every setting the baseline depends on is in its key (a changed one computes it anew).
+  key = evaluator.Evaluator(config, split, None).baseline_key()
+  for edit in (dict(eval=dict(ks=(1, 2))), dict(eval=dict(baseline_side=4)),
+               dict(eval=dict(grid_results=3)), dict(eval=dict(grid_queries=3)),
+               dict(eval=dict(nmi=True)), dict(data=dict(image_size=6, resize_size=7))):
+    edited = config.copy_and_resolve_references()
+    edited.update_from_flattened_dict({f"{group}.{k}": v for group, settings in edit.items()
+                                       for k, v in settings.items()})
+    assert evaluator.Evaluator(edited, split, None).baseline_key() != key, edit
