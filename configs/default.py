@@ -206,6 +206,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1_000  # Steps between checkpoints; a multiple of log_every.
   config.train.keep_checkpoints = 3  # Most recent checkpoints kept.
 
+  # When machines go (docs/ARCHITECTURE.md, "Stopping"; SIGTERM and Ctrl-C save the step in flight).
+  config.distributed = ml_collections.ConfigDict()
+  # With --multihost: a process without a heartbeat for this long is lost, and the others stop (JAX's
+  # coordination service; its own default, 100 s, keeps the survivors waiting for minutes).
+  config.distributed.heartbeat_timeout_seconds = 15
+  # A step's collectives or a checkpoint that make no progress for this long stop the run, naming what
+  # they waited for (a lost or stuck process, a hung device); 0: wait for ever. The first step (it
+  # compiles), evaluations and batch refreshes are not timed.
+  config.distributed.hang_timeout_seconds = 600
+
   config.eval = ml_collections.ConfigDict()
   config.eval.ks = (1, 2, 4, 8)  # The K of Recall@K.
   config.eval.chunk_size = 1024  # Queries per device call of the exact top-k.

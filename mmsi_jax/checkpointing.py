@@ -43,12 +43,12 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any) -> tuple[Any, Optio
 
 def latest_step(workdir: str) -> Optional[int]:
   """The step of the latest finished checkpoint in <workdir>/checkpoints (None: there is none);
-  creates nothing."""
+  creates nothing, logs nothing and waits for no other process (a supervisor or a watchdog asks)."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
     return None
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)
-                               ).latest_step()
+  latest = ocp.step.latest_step_metadata(directory, ocp.step.standard_name_format())
+  return None if latest is None else latest.step
 
 
 @contextlib.contextmanager

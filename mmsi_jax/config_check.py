@@ -125,9 +125,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(0 <= config.optim.warmup_steps < train.num_steps,
           f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, train.num_steps="
           f"{train.num_steps}): lower --config.optim.warmup_steps or raise --config.train.num_steps.")
+  check_distributed(config)
   ks = tuple(config.eval.ks)
   require(ks and all(isinstance(k, int) and k >= 1 for k in ks),
           f"eval.ks={ks} must be positive integers, e.g. --config.eval.ks=1,2,4,8.")
+
+
+def check_distributed(config: ml_collections.ConfigDict) -> None:
+  """The distributed.* settings, which the command line needs before it joins the other processes
+  (and before check_config may ask JAX for the devices)."""
+  heartbeat = config.distributed.heartbeat_timeout_seconds
+  hang = config.distributed.hang_timeout_seconds
+  if not (isinstance(heartbeat, int) and heartbeat >= 1):
+    raise ValueError(f"Invalid config: distributed.heartbeat_timeout_seconds={heartbeat!r} must be a "
+                     f"whole number of seconds, at least 1 (e.g. 15).")
+  if not hang >= 0:
+    raise ValueError(f"Invalid config: distributed.hang_timeout_seconds={hang!r} must be at least 0 "
+                     f"(0: no limit).")
 
 
 def _check_loss_values(name: str, hparams: dict) -> None:

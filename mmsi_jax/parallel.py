@@ -22,15 +22,19 @@ DATA_AXIS = "data"
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None, heartbeat_timeout_seconds: int = 100) -> None:
   """Joins this process to a multi-process run (`jax.distributed.initialize`).
 
   On Cloud TPU pods and under SLURM the arguments are detected and may be left out; elsewhere pass
   process 0's "host:port", the number of processes and this one's id (0 .. num_processes - 1).
-  CPU processes exchange their collectives through gloo.
+  A process without a heartbeat for `heartbeat_timeout_seconds` is lost: JAX's coordination service
+  then ends the others (mmsi_jax/stopping.py). JAX's preemption notifier takes over SIGTERM: a notice
+  reaches every process, which agree on the step to save (stopping.StopSignals). CPU processes exchange
+  their collectives through gloo.
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def is_primary() -> bool:

@@ -12,6 +12,7 @@ files, never what it computes up to the step it resumes at:
       where the dataset, the archives and the starting weights are (only read before the first step)
   data.num_threads, data.num_workers, data.prefetch, data.eval_batch_size
       how batches are prepared (the batches themselves are a pure function of the seed and the step)
+  distributed.*                    when a lost process or a hang stops the run
 
 Any other difference stops the run before any work (`check_resumable`), naming each key with its value
 in the run and on the command line. A key added to the config after a run was recorded reads, in that
@@ -29,10 +30,11 @@ CONFIG_FILE = "config.json"
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "eval.*", "data.data_dir", "data.manual_dir", "model.pretrained",
              "init_from", "data.num_threads", "data.num_workers", "data.prefetch",
-             "data.eval_batch_size")
+             "data.eval_batch_size", "distributed.*")
 # Keys added to the config after runs were recorded, each with the value under which those runs ran: a
 # record without one reads as having it.
-ADDED = {"data.validation.folds": 0, "data.validation.fold": 0}
+ADDED = {"data.validation.folds": 0, "data.validation.fold": 0,
+         "distributed.heartbeat_timeout_seconds": 100, "distributed.hang_timeout_seconds": 0}
 _ABSENT = object()  # A key that one of two configs lacks.
 
 

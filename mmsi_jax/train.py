@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mmsi_jax import (batch_policies, checkpointing, mining, models, parallel, pretrain, references,
-                      reporting, run_record)
+                      reporting, run_record, stopping)
 from mmsi_jax.config_check import check_config
 from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
@@ -56,7 +56,8 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       on_evaluation: Optional[Callable[[int, dict], None]] = None) -> dict:
+                       on_evaluation: Optional[Callable[[int, dict], None]] = None,
+                       stop: Optional[stopping.StopSignals] = None) -> dict:
   """Trains, evaluating every `train.eval_every` steps and at the end; resumes from <workdir>.
 
   The test split is evaluated, or the validation classes with data.validation.folds
@@ -64,6 +65,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   (reporting.REFERENCE_ROWS), keyed as in metrics.jsonl. `on_evaluation(step, metrics)` is called
   after each evaluation of the loop (a tuning study's pruner, which may stop the run by raising). In a
   multi-process run every process trains and evaluates; process 0 alone prints and writes reports.
+
+  With `stop` (the command line's SIGTERM and SIGINT), a signal stops the loop after the step in
+  flight, whose checkpoint is saved: `stopping.Stopped` is raised once it is complete. A step's
+  collectives or a checkpoint that make no progress for distributed.hang_timeout_seconds end the
+  process (stopping.Watchdog).
   """
   check_config(config)
   resumable_changes = run_record.check_resumable(workdir, config)
@@ -157,8 +163,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   progress = reporting.Progress(num_steps, start_step)
   batches, period_end = None, start_step
-  pending: list[tuple[int, dict]] = []
+  # The interval's metrics so far, when the run stopped between two log lines.
+  pending: list[tuple[int, Any]] = stopping.read_interval(workdir, restored_step)
   last_checkpoint = restored_step
+  watchdog = stopping.Watchdog(config.distributed.hang_timeout_seconds, functools.partial(
+      stopping.end_hung_process, workdir=workdir,
+      latest_step=lambda: checkpointing.latest_step(workdir)))
+
+  def save_checkpoint(step, state):
+    with watchdog.waiting_for(f"the checkpoint of step {step} on every process"):
+      checkpointing.save(ckpt, step, state)
   started = time.perf_counter()
   interval_start, interval_time = start_step, started  # The steps since the last log line.
   try:
@@ -176,13 +190,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in policy_metrics.items()))
         period_end = policy.period_end(step - 1, num_steps)
         batches = period_batches(step - 1)
-      state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
+      with watchdog.waiting_for(f"step {step} on every process (its collectives)",
+                                watch=step > start_step + 1):  # The first call compiles.
+        state, metrics = train_step(state, parallel.global_batch(next(batches), mesh))
       pending.append((step, metrics))
+      stop_here = stop is not None and step < num_steps and stop.reached(step)
       boundary = step % config.train.log_every == 0 or step == num_steps
-      if not boundary:
+      if not (boundary or stop_here):
         continue
-      host = jax.device_get(pending)
+      with watchdog.waiting_for(f"steps {interval_start + 1}..{step} to finish on every process"):
+        host = jax.device_get(pending)
       pending = []
+      if not boundary:  # Stopped between log lines: the interval's metrics so far go with the checkpoint.
+        if primary:
+          stopping.write_interval(workdir, step, host)
+        save_checkpoint(step, state)
+        raise stop.stopped(step, ckpt.directory)
       timing.write(step, {"steps": step - interval_start, "seconds": time.perf_counter() - interval_time,
                           "compiling": interval_start == start_step})
       bad = _first_non_finite([(s, m["train/loss"]) for s, m in host])
@@ -202,16 +225,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         say("  eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluation.items()))
         if on_evaluation is not None:
           on_evaluation(step, evaluation)
-      if step % config.train.checkpoint_every == 0 or step == num_steps:
-        checkpointing.save(ckpt, step, state)
+      if step % config.train.checkpoint_every == 0 or step == num_steps or stop_here:
+        save_checkpoint(step, state)
         last_checkpoint = step
+      if stop_here:
+        raise stop.stopped(step, ckpt.directory)
       interval_start, interval_time = step, time.perf_counter()
   except KeyboardInterrupt:  # A checkpoint being written in the background is completed first.
     say(f"\nInterrupted during step {step}; completing any checkpoint being written (Ctrl-C again "
         f"stops at once).")
     raise
   finally:  # Whatever stops the loop: the checkpoints under way are complete, the reports closed.
-    ckpt.wait_until_finished()
+    with watchdog.waiting_for("the checkpoints being written on every process"):
+      ckpt.wait_until_finished()
+    watchdog.close()
     writer.close()
     timing.close()
 

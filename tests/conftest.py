@@ -44,7 +44,9 @@ SLOW = ("test_two_processes_of_two_devices_train_like_one_device",
         "test_meta_gradients_match_finite_differences",
         "test_no_update_until_the_dictionary_holds_t_classes_nor_at_a_zero_meta_loss",
         "test_a_workdir_refuses_another_config_and_resumes_its_own_for_more_steps",
-        "test_a_switched_loss_trains_from_the_command_line_and_ctrl_c_says_how_to_resume")
+        "test_a_switched_loss_trains_from_the_command_line_and_ctrl_c_says_how_to_resume",
+        "test_a_lost_process_stops_the_other_and_a_preempted_one_saves_with_it",
+        "test_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one")
 
 
 def pytest_collection_modifyitems(config, items):

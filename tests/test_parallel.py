@@ -26,6 +26,13 @@ train.train_and_evaluate(tiny_config(sys.argv[1], num_steps=10, miner="mmsi"), s
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
+def coordinator_address() -> str:
+  """localhost and a free port, for process 0's coordination service."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return f"localhost:{s.getsockname()[1]}"
+
+
 @pytest.fixture(scope="module")
 def one_device_run(glyphs_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("one"))
@@ -53,9 +60,7 @@ def assert_same_training(workdir, reference):
 def test_two_processes_of_two_devices_train_like_one_device(glyphs_dir, tmp_path, one_device_run):
   """Two hosts in miniature: two processes of two CPU devices each, one workdir (a shared
   filesystem), each process feeding its half of every batch to its two devices."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    coordinator = f"localhost:{s.getsockname()[1]}"
+  coordinator = coordinator_address()
   workdir = str(tmp_path / "two_processes")
   processes = [subprocess.Popen([sys.executable, "-c", TRAIN, glyphs_dir, workdir, coordinator,
                                  str(i)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,

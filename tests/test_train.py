@@ -1,6 +1,7 @@
 """The train loop end to end on the built-in dataset: learning, outputs, exact resume and errors."""
 
 import os
+import signal
 import sys
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import demo
-from mmsi_jax import losses, reporting, train
+from mmsi_jax import losses, reporting, stopping, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,6 +197,44 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
     momenta = [leaf for leaf in jax.tree.leaves(state_b["opt_state"]) if np.shape(leaf) == kernel_shape]
     assert len(momenta) == 1 and np.any(np.asarray(momenta[0]) != 0)
   assert not os.path.exists(partial)
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(
+    glyphs_dir, tmp_path, monkeypatch, tiny_run):
+  """SIGTERM during step 13, between the checkpoint of step 10 and the log line of step 15: step 13 is
+  saved, with the metrics of steps 11-13 for the resumed run's line of step 15."""
+  workdir = str(tmp_path / "run")
+  real_make_train_step = train.make_train_step
+
+  def make_signalled_train_step(*args, **kwargs):
+    step_fn = real_make_train_step(*args, **kwargs)
+    calls = []
+
+    def signalled(state, batch):
+      calls.append(1)
+      if len(calls) == 13:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(state, batch)
+    return signalled
+
+  monkeypatch.setattr(train, "make_train_step", make_signalled_train_step)
+  with stopping.StopSignals(distributed=False) as stop, pytest.raises(stopping.Stopped) as stopped:
+    train.train_and_evaluate(tiny_config(glyphs_dir), workdir, stop=stop)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Restored after the first signal.
+  assert (stopped.value.step, stopped.value.status) == (13, stopping.PREEMPTED)
+  assert str(stopped.value) == (f"Stopped after step 13 (SIGTERM); its checkpoint is in "
+                                f"{os.path.join(workdir, 'checkpoints')}: the same command resumes "
+                                f"from it.")
+  assert latest_params(workdir)[0] == 13
+  assert max(r["step"] for r in reporting.read_metrics(workdir)) == 10
+  monkeypatch.setattr(train, "make_train_step", real_make_train_step)
+
+  train.train_and_evaluate(tiny_config(glyphs_dir), workdir)
+  assert reporting.read_metrics(workdir) == reporting.read_metrics(tiny_run[0])
+  (step_a, state_a), (step_b, state_b) = latest_params(tiny_run[0]), latest_params(workdir)
+  assert step_a == step_b == 20
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
