@@ -4,6 +4,8 @@ The public names are those of `__all__`, here and in each subpackage; docs/API.m
 Importing the package loads nothing heavy: each name is imported on first use.
 
   losses, mining, references, models, eval   the components, by name (their registries)
+  resolve_config(spec, overrides)            a config file (and variant) with --config.a.b=value
+                                             overrides, and notes on what they changed
   train_and_evaluate(config, workdir)        a training run, as `python -m mmsi_jax.main` starts it
   load(path)                                 a trained model (a workdir or an exported .npz) as an
                                              embedding function with its preprocessing
@@ -24,11 +26,15 @@ if sys.version_info < MIN_PYTHON:
       % (MIN_PYTHON + tuple(sys.version_info[:2]) + (sys.executable,)))
 
 _SUBMODULES = ("eval", "losses", "mining", "models", "references")
-_FUNCTIONS = {"load": "mmsi_jax.inference", "export_model": "mmsi_jax.inference",
-              "Embedder": "mmsi_jax.inference", "train_and_evaluate": "mmsi_jax.train"}
+# Public name -> (module, its name there).
+_FUNCTIONS = {"load": ("mmsi_jax.inference", "load"),
+              "export_model": ("mmsi_jax.inference", "export_model"),
+              "Embedder": ("mmsi_jax.inference", "Embedder"),
+              "resolve_config": ("mmsi_jax.config_cli", "resolve"),
+              "train_and_evaluate": ("mmsi_jax.train", "train_and_evaluate")}
 
 __all__ = ["Embedder", "__version__", "eval", "export_model", "load", "losses", "mining", "models",
-           "references", "train_and_evaluate"]
+           "references", "resolve_config", "train_and_evaluate"]
 
 
 def __getattr__(name: str):
@@ -36,7 +42,8 @@ def __getattr__(name: str):
   if name in _SUBMODULES:
     return importlib.import_module(f"mmsi_jax.{name}")
   if name in _FUNCTIONS:
-    return getattr(importlib.import_module(_FUNCTIONS[name]), name)
+    module, attribute = _FUNCTIONS[name]
+    return getattr(importlib.import_module(module), attribute)
   raise AttributeError(f"module 'mmsi_jax' has no attribute {name!r}")
 
 
