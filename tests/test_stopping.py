@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -98,25 +97,30 @@ def test_the_second_signal_takes_its_usual_effect():
     assert not stop.reached(1)
 
 
-def test_the_watchdog_names_what_made_no_progress():
+def test_the_watchdog_names_what_made_no_progress(tmp_path):
   hangs = []
-  hung = threading.Event()
-
-  def on_hang(what, seconds):
-    hangs.append((what, seconds))
-    hung.set()
-
-  watchdog = stopping.Watchdog(0.3, on_hang)
+  watchdog = stopping.Watchdog(0.3, lambda what, seconds: hangs.append(what))
   with watchdog.waiting_for("a quick step"):
     time.sleep(0.05)
   with watchdog.waiting_for("a first step, compiling", watch=False):
     time.sleep(0.5)
   time.sleep(0.3)
-  assert not hangs
-  with watchdog.waiting_for("the checkpoint of step 5 on every process"):
-    assert hung.wait(5)
-  assert hangs[0][0] == "the checkpoint of step 5 on every process" and hangs[0][1] >= 0.3
   watchdog.close()
+  assert not hangs
+  # The command line's watchdog, over a checkpoint that never ends: one line, exit UNAVAILABLE.
+  hung = ("import functools, time\nfrom mmsi_jax import stopping\n"
+          "watchdog = stopping.Watchdog(0.3, functools.partial(stopping.end_hung_process, "
+          f"workdir={str(tmp_path)!r}, latest_step=lambda: 5))\n"
+          "with watchdog.waiting_for('the checkpoint of step 10 on every process'):\n"
+          "  time.sleep(60)")
+  result = subprocess.run([sys.executable, "-c", hung], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == stopping.UNAVAILABLE
+  assert result.stderr.strip() == (
+      f"Stopped: no progress for 0 s while waiting for the checkpoint of step 10 on every process (a "
+      f"process of the run may be lost or stuck; distributed.hang_timeout_seconds sets the wait); the "
+      f"last complete checkpoint is step 5 in {tmp_path / 'checkpoints'}: the same command on every "
+      f"host resumes from it.")
 
 
 # What a survivor's native log says when process 1 was lost, and when the coordinator was (jax 0.10).
