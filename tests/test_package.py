@@ -112,3 +112,14 @@ def test_import_is_light():
   out = subprocess.run([sys.executable, "-c", "import sys, mmsi_jax; print('jax' in sys.modules)"],
                        cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert out.strip() == "False"  # The names of __all__ load on first use.
+
+
+def test_the_readme_gives_the_two_commands_and_points_into_docs():
+  readme = (REPO / "README.md").read_text()
+  assert ("    pip install -r requirements.txt && python -m mmsi_jax.main --config=configs/demo.py "
+          "--workdir=runs/demo\n") in readme
+  assert "    python -m pytest -q tests\n" in readme
+  ci = (REPO / ".ci" / "run").read_text()
+  assert "pip install -r requirements.txt" in ci and "python -m pytest -q tests" in ci
+  for page in ("docs/API.md", "docs/WEIGHTS.md", "docs/USAGE.md", "docs/METHODS.md", "launch/README.md"):
+    assert page in readme and (REPO / page).is_file(), page
