@@ -111,6 +111,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # "kaiming_fan_out" (N(0, 2/C), Proxy-Anchor), "normal" (N(0, init_std^2)), "uniform" (U(+-1/sqrt(C))).
   config.references.proxies.init = "kaiming_fan_out"
   config.references.proxies.init_std = 1.0  # With init="normal".
+  # Classes per block of the proxy loss (mmsi_jax/losses/class_blocks.py): 0 holds S [B, C] whole; b > 0
+  # computes it b classes at a time, never holding more than [B, b] (SOP-sized class counts and beyond).
+  config.references.proxies.class_block = 0
   # MemVir: the proxies plus past steps' embeddings and proxies as virtual classes (docs/METHODS.md).
   config.references.memvir = ml_collections.ConfigDict()
   config.references.memvir.init = "kaiming_fan_out"  # The proxies' initialisation, as proxies.init.
@@ -125,6 +128,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # bytes, s = 4 or 2: with N 45, M 10, D 512, B 128, 0.23 GB on Cars (C 98), 11.6 GB on SOP (C 11,318).
   config.references.memvir.dtype = "float32"
   config.references.memvir.max_memory_gb = 8.0  # Queues larger than this are refused before training.
+  # As proxies.class_block, over the (N + 1) C real and virtual classes: S [(N + 1) B, (N + 1) C] whole
+  # (0) or b classes at a time (SOP: 48 GB whole at the authors' N and M).
+  config.references.memvir.class_block = 0
 
   config.miner = ml_collections.ConfigDict()
   config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.

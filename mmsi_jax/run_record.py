@@ -30,10 +30,11 @@ CONFIG_FILE = "config.json"
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "eval.*", "data.data_dir", "data.manual_dir", "model.pretrained",
              "init_from", "data.num_threads", "data.num_workers", "data.prefetch",
-             "data.eval_batch_size", "distributed.*")
+             "data.eval_batch_size", "distributed.*", "references.*.class_block")
 # Keys added to the config after runs were recorded, each with the value under which those runs ran: a
 # record without one reads as having it.
-ADDED = {"data.validation.folds": 0, "data.validation.fold": 0,
+ADDED = {"data.validation.folds": 0, "data.validation.fold": 0, "references.proxies.class_block": 0,
+         "references.memvir.class_block": 0,
          "distributed.heartbeat_timeout_seconds": 100, "distributed.hang_timeout_seconds": 0}
 _ABSENT = object()  # A key that one of two configs lacks.
 

@@ -238,7 +238,7 @@ def _sim_vjp(outputs_vjp, features, cotangent, features_cotangent=None):
 
 def _objective(refs, loss_fn, hparams: dict, references_state, step: jax.Array, pairs: losses.Pairs,
                sim: jax.Array, multipliers: Optional[jax.Array] = None):
-  return refs.objective(references_state, step, pairs._replace(sim=sim), loss_fn, hparams, multipliers)
+  return refs.objective(references_state, step, pairs.replace(sim=sim), loss_fn, hparams, multipliers)
 
 
 def objective_of(components: Components, references_state, step: jax.Array,
@@ -293,13 +293,11 @@ def make_train_step(components: Components, mesh=None, donate: bool = False) -> 
     cotangent_of = multiplied_cotangent(objective, sim, weights,
                                         miner is not None and miner.multipliers_in_loss)
 
-    metrics = {
-        "train/loss": loss,
-        "train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
-        "train/pos_sim": masked_mean(sim, pairs.pos),
-        "train/neg_sim": masked_mean(sim, pairs.neg),
-        **metrics,
-    }
+    metrics = {"train/loss": loss, **metrics}
+    if isinstance(pairs, losses.Pairs):  # Over ClassBlocks the objective reports the similarities.
+      metrics.update({"train/active_pairs": jnp.mean((weights != 0).astype(jnp.float32)),
+                      "train/pos_sim": masked_mean(sim, pairs.pos),
+                      "train/neg_sim": masked_mean(sim, pairs.neg)})
     multipliers, miner_state, update = None, state.miner, None
     if miner is not None:
       inputs = mining.StepInputs(

@@ -101,6 +101,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
   state = create_train_state(jax.random.PRNGKey(config.seed), components, image_shape)
   state = state.replace(batches=policy.init_state())
+  if components.references.kind == "proxy":  # What the class vectors and the loss part will take.
+    say(loss_memory.report(components.references, components.loss_fn, components.hparams, state.params,
+                           state.references, policy.sampler(state.batches).batch_size))
 
   num_steps = config.train.num_steps
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)

@@ -1,5 +1,6 @@
 """MemVir (references/memvir.py): S and the loss against an explicit NumPy concatenation of past steps
-over a run (before the queues fill, at the stairs, after they wrap), with every proxy loss; gradients
+over a run (before the queues fill, at the stairs, after they wrap), with every proxy loss, S whole and
+over class blocks; gradients
 against finite differences; no gradient through the stored entries; the curriculum; the memory bound.
 Resuming with the queues: tests/test_train.py."""
 
@@ -70,10 +71,11 @@ def test_pairs_are_the_explicit_concatenation_of_past_steps():
       assert pairs.sim.shape == ((N + 1) * B, (N + 1) * C)
 
 
+@pytest.mark.parametrize("class_block", [0, 2], ids=["whole", "blocks_of_2"])
 @pytest.mark.parametrize("name", sorted(losses.proxy_names()))
-def test_every_proxy_loss_equals_numpy_on_the_virtual_classes(name):
+def test_every_proxy_loss_equals_numpy_on_the_virtual_classes(name, class_block):
   steps = history(12, seed=1)
-  refs = make(dtype="float64")
+  refs = make(dtype="float64", class_block=class_block)
   with jax.enable_x64(True):
     objective = jax.jit(lambda state, t, pairs: refs.objective(
         state, t, pairs, losses.get_proxy_loss(name), {})[0])
@@ -85,10 +87,11 @@ def test_every_proxy_loss_equals_numpy_on_the_virtual_classes(name):
                                  atol=1e-12)
 
 
+@pytest.mark.parametrize("class_block", [0, 2], ids=["whole", "blocks_of_2"])
 @pytest.mark.parametrize("name", ["norm_softmax", "proxy_anchor"])
-def test_gradient_in_the_batch_and_the_proxies_matches_finite_differences(name):
+def test_gradient_in_the_batch_and_the_proxies_matches_finite_differences(name, class_block):
   steps = history(10, seed=2)
-  refs = make(dtype="float64")
+  refs = make(dtype="float64", class_block=class_block)
   with jax.enable_x64(True):
     *_, (t, state, _) = run(refs, steps)  # Step 9: N = 2 virtual steps.
     assert int(jnp.sum(refs.available(state))) == N

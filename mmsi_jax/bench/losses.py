@@ -9,6 +9,9 @@ A loss's figure is the time of value_and_grad of the embedding-level loss (`loss
 built inside) over the floor's, the two timed in alternation (medians) so that other load on the
 machine affects both alike.
 Working memory is the compiled function's temporary buffers (XLA memory analysis).
+
+With `--class_block b`, each proxy loss is also run over blocks of b classes (losses/class_blocks.py)
+and timed in alternation with its whole form: `<loss>_blocked_x_whole`, and its working memory.
 """
 
 import jax
@@ -31,6 +34,9 @@ def add_arguments(parser):
   parser.add_argument("--dim", type=int, default=512, help="embedding size D")
   parser.add_argument("--per_class", type=int, default=4, help="samples per class in the batch (K)")
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (median)")
+  parser.add_argument("--class_block", type=int, default=0,
+                      help="b > 0: also time each proxy loss over blocks of b classes against its whole "
+                           "form")
 
 
 def _unit_rows(rng, n, dim):
@@ -53,12 +59,12 @@ def _inputs(args):
       floor_weights=jnp.asarray(rng.normal(size=(args.batch, args.refs)).astype(np.float32)))
 
 
-def _loss_and_grad(name, hparams, data):
+def _loss_and_grad(name, hparams, data, class_block=0):
   """A jitted value_and_grad of the loss and its arguments."""
   loss_fn = losses.get(name)
   if name in losses.proxy_names():
     def objective(e, p):
-      return loss_fn(e, data["labels"], proxies=p, **hparams)
+      return loss_fn(e, data["labels"], proxies=p, class_block=class_block, **hparams)
     return jax.jit(jax.value_and_grad(objective, argnums=(0, 1))), (data["embeddings"],
                                                                     data["proxies"])
 
@@ -108,6 +114,8 @@ def run(args) -> dict:
            "temp_mb": _temp_megabytes(loss_fn, loss_args)}
     figures.update({f"{label}_{key}": value for key, value in row.items()})
     rows.append((label, kind, row))
+  if args.class_block:
+    _time_blocked(args, data, figures)
   print(f"{'loss':<20} {'floor':<6} {'ms':>9} {'x floor':>8} {'temp MB':>8}")
   for kind in floors:
     print(f"{'(floor)':<20} {kind:<6} {figures[f'floor_{kind}_ms']:>9.2f} {1.0:>8.2f} "
@@ -115,3 +123,18 @@ def run(args) -> dict:
   for label, kind, row in rows:
     print(f"{label:<20} {kind:<6} {row['ms']:>9.2f} {row['ratio']:>8.2f} {row['temp_mb']:>8.1f}")
   return figures
+
+
+def _time_blocked(args, data, figures: dict) -> None:
+  """Each proxy loss over blocks of args.class_block classes against its whole form, in alternation."""
+  print(f"{'proxy loss':<20} {'whole ms':>9} {'blocked ms':>11} {'x whole':>8} {'temp MB':>8}")
+  for name in losses.proxy_names():
+    whole_fn, fn_args = _loss_and_grad(name, {}, data)
+    blocked_fn, _ = _loss_and_grad(name, {}, data, class_block=args.class_block)
+    times = timing.time_interleaved({"whole": lambda: whole_fn(*fn_args),
+                                     "blocked": lambda: blocked_fn(*fn_args)}, repeats=args.repeats)
+    row = {"blocked_ms": 1e3 * times["blocked"], "blocked_x_whole": times["blocked"] / times["whole"],
+           "blocked_temp_mb": _temp_megabytes(blocked_fn, fn_args)}
+    figures.update({f"{name}_{key}": value for key, value in row.items()})
+    print(f"{name:<20} {1e3 * times['whole']:>9.2f} {row['blocked_ms']:>11.2f} "
+          f"{row['blocked_x_whole']:>8.2f} {row['blocked_temp_mb']:>8.1f}")

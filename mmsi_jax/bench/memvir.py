@@ -10,15 +10,19 @@ rows and labels), both through the components the trainer uses. Per class count 
   temporaries); it needs only the shapes, so it is reported even where the call would not fit the
   machine;
 - ms and x_plain: medians of the two timed in turn (only where MemVir's memory is under --max_run_gb).
+MemVir runs twice: with S whole and over blocks of `--class_block` classes (losses/class_blocks.py);
+`over_queues_mb` is each one's memory beyond the queues, `blocked_x_whole` the blocked form's time over
+the whole one's (timed in turn with them where both fit).
 """
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsi_jax import losses
+from mmsi_jax import loss_memory, losses
 from mmsi_jax.bench import timing
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references import ClassProxies, MemoryVirtualClasses
@@ -36,23 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max_run_gb", type=float, default=4.0,
                       help="time only where MemVir's compiled call needs less than this")
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (median)")
-
-
-def _loss_and_grad(refs, loss_name: str, labels: jax.Array):
-  """jit(value_and_grad) of the loss of `refs`'s pairs in (embeddings, proxies), given its state."""
-  loss_fn = losses.get_proxy_loss(loss_name)
-
-  def objective(embeddings, proxies, state):
-    params = {"proxies": proxies}
-    pairs = refs.pairs(state, params, l2_normalize(embeddings), labels)
-    return refs.objective(state, jnp.zeros((), jnp.int32), pairs, loss_fn, {})[0]
-  return jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
-
-
-def _memory_mb(fn, *args) -> float:
-  analysis = fn.lower(*args).compile().memory_analysis()
-  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-          + analysis.temp_size_in_bytes) / 2**20
+  parser.add_argument("--class_block", type=int, default=2048, help="classes per block, blocked form")
 
 
 def _full_queues(refs: MemoryVirtualClasses, shapes, seed: int = 1):
@@ -76,31 +64,44 @@ def run(args: argparse.Namespace) -> dict:
     labels = jnp.asarray(rng.integers(0, num_classes, args.batch))
     proxies = jnp.asarray(rng.normal(size=(num_classes, args.dim)).astype(np.float32))
     plain = ClassProxies(num_classes, init="normal", init_std=1.0)
-    memvir = MemoryVirtualClasses(
-        num_classes, init="normal", init_std=1.0, num_steps=args.num_steps, step_gap=args.step_gap,
-        warmup_steps=0, batch_size=args.batch, dtype=args.dtype, max_memory_gb=float("inf"))
-    queue_shapes = jax.eval_shape(lambda: memvir.init(jax.random.PRNGKey(0), args.dim)[1])
-    figures[f"C{num_classes}/queues_mb"] = queue_bytes(
-        num_classes=num_classes, embed_dim=args.dim, batch_size=args.batch,
-        num_steps=args.num_steps, step_gap=args.step_gap, dtype=args.dtype) / 2**20
+    settings = dict(init="normal", init_std=1.0, num_steps=args.num_steps, step_gap=args.step_gap,
+                    warmup_steps=0, batch_size=args.batch, dtype=args.dtype,
+                    max_memory_gb=float("inf"))
+    memvir = {"memvir": MemoryVirtualClasses(num_classes, **settings),
+              "memvir_blocked": MemoryVirtualClasses(num_classes, **settings,
+                                                     class_block=args.class_block)}
+    queue_shapes = jax.eval_shape(lambda: memvir["memvir"].init(jax.random.PRNGKey(0), args.dim)[1])
+    queues_mb = queue_bytes(num_classes=num_classes, embed_dim=args.dim, batch_size=args.batch,
+                            num_steps=args.num_steps, step_gap=args.step_gap, dtype=args.dtype) / 2**20
+    figures[f"C{num_classes}/queues_mb"] = queues_mb
     queues = None
     for loss_name in args.losses.split(","):
-      prefix = f"C{num_classes}/{loss_name}"
-      plain_fn = _loss_and_grad(plain, loss_name, labels)
-      memvir_fn = _loss_and_grad(memvir, loss_name, labels)
-      figures[f"{prefix}/plain_memory_mb"] = _memory_mb(plain_fn, embeddings, proxies, None)
-      memvir_mb = _memory_mb(memvir_fn, embeddings, proxies, queue_shapes)
-      figures[f"{prefix}/memvir_memory_mb"] = memvir_mb
-      figures[f"{prefix}/memory_x_plain"] = memvir_mb / figures[f"{prefix}/plain_memory_mb"]
-      if memvir_mb > args.max_run_gb * 1024:
+      prefix, loss_fn = f"C{num_classes}/{loss_name}", losses.get_proxy_loss(loss_name)
+      calls = {"plain": (loss_memory.loss_part(plain, loss_fn, {}, labels), None)}
+      calls.update({name: (loss_memory.loss_part(refs, loss_fn, {}, labels), queue_shapes)
+                    for name, refs in memvir.items()})
+      fits = {}
+      for name, (fn, state) in calls.items():
+        memory_mb = loss_memory.peak_bytes(fn, embeddings, proxies, state) / 2**20
+        figures[f"{prefix}/{name}_memory_mb"] = memory_mb
+        if name != "plain":
+          figures[f"{prefix}/{name}_over_queues_mb"] = memory_mb - queues_mb
+          figures[f"{prefix}/{name}_memory_x_plain"] = memory_mb / figures[f"{prefix}/plain_memory_mb"]
+        fits[name] = memory_mb <= args.max_run_gb * 1024
+      timed = [name for name in calls if fits[name]]
+      if timed == ["plain"]:
         continue
       if queues is None:
-        queues = _full_queues(memvir, queue_shapes)
-        assert int(jnp.sum(memvir.available(queues))) == args.num_steps  # The full curriculum.
+        queues = _full_queues(memvir["memvir"], queue_shapes)
+        assert int(jnp.sum(memvir["memvir"].available(queues))) == args.num_steps  # Full curriculum.
       times = timing.time_interleaved(
-          {"plain": lambda: plain_fn(embeddings, proxies, None),
-           "memvir": lambda: memvir_fn(embeddings, proxies, queues)}, repeats=args.repeats)
-      figures[f"{prefix}/plain_ms"] = 1e3 * times["plain"]
-      figures[f"{prefix}/memvir_ms"] = 1e3 * times["memvir"]
-      figures[f"{prefix}/time_x_plain"] = times["memvir"] / times["plain"]
+          {name: functools.partial(calls[name][0], embeddings, proxies,
+                                   None if name == "plain" else queues) for name in timed},
+          repeats=args.repeats)
+      for name in timed:
+        figures[f"{prefix}/{name}_ms"] = 1e3 * times[name]
+        if name != "plain":
+          figures[f"{prefix}/{name}_time_x_plain"] = times[name] / times["plain"]
+      if len(timed) == 3:
+        figures[f"{prefix}/blocked_x_whole"] = times["memvir_blocked"] / times["memvir"]
   return figures

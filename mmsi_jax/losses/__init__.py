@@ -18,7 +18,8 @@ The trainer runs either kind; which columns S has is the choice of the reference
          ref_valid=None [R], proxies=None [C, D], **hparams) -> scalar,
 
 where `proxies` is required by the proxy losses and refused by the pair losses; extra rows are extra
-references for a pair loss and extra samples for a proxy loss.
+references for a pair loss and extra samples for a proxy loss. A proxy loss also takes `class_block=b`:
+b classes at a time, S [N, C] never whole (class_blocks.py).
 """
 
 import functools
@@ -27,12 +28,14 @@ from typing import Optional
 import jax
 
 from mmsi_jax.losses.binomial_deviance import binomial_deviance
+from mmsi_jax.losses.class_blocks import ClassBlocks, ClassGroups, blocked_loss
 from mmsi_jax.losses.contrastive import contrastive
 from mmsi_jax.losses.distance_contrastive import distance_contrastive
 from mmsi_jax.losses.lifted_structure import lifted_structure
 from mmsi_jax.losses.multi_similarity import multi_similarity, multi_similarity_mining
 from mmsi_jax.losses.ntxent import ntxent
-from mmsi_jax.losses.pairs import (Pairs, build_pairs, build_proxy_pairs, loss_and_pair_weights,
+from mmsi_jax.losses.pairs import (Pairs, append_extra_rows, build_pairs, build_proxy_pairs,
+                                   loss_and_pair_weights,
                                    pair_loss_on, pair_weights, takes_multipliers,
                                    weighted_pair_loss)
 from mmsi_jax.losses.proxies import arcface, cosface, norm_softmax, proxy_anchor, proxy_nca
@@ -103,15 +106,20 @@ def _embedding_loss(loss_fn, uses_proxies: bool, embeddings: jax.Array, labels: 
                     ref_embeddings: Optional[jax.Array] = None,
                     ref_labels: Optional[jax.Array] = None,
                     ref_valid: Optional[jax.Array] = None,
-                    proxies: Optional[jax.Array] = None, **hparams) -> jax.Array:
+                    proxies: Optional[jax.Array] = None, class_block: int = 0,
+                    **hparams) -> jax.Array:
   extra_rows = dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid)
   if uses_proxies:
     if proxies is None:
       raise ValueError("This proxy loss needs proxies=[C, D].")
+    if class_block:
+      rows, row_labels, row_valid = append_extra_rows(embeddings, labels, **extra_rows)
+      return blocked_loss(loss_fn, ClassBlocks((rows, proxies), row_labels, row_valid,
+                                               block=class_block), hparams)[0]
     pairs = build_proxy_pairs(embeddings, labels, proxies, **extra_rows)
   else:
-    if proxies is not None:
-      raise ValueError("A pair loss takes no proxies.")
+    if proxies is not None or class_block:
+      raise ValueError("A pair loss takes no proxies and no class_block.")
     pairs = build_pairs(embeddings, labels, **extra_rows)
   return loss_fn(pairs.sim, pairs.pos, pairs.neg, **hparams)
 
@@ -122,7 +130,7 @@ def get(name: str):
 
 
 __all__ = [
-    "Pairs", "arcface", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
+    "ClassBlocks", "ClassGroups", "Pairs", "arcface", "blocked_loss", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
     "cosface", "distance_contrastive", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss",
     "lifted_structure", "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names",
     "norm_softmax", "ntxent", "pair_loss_on", "pair_weights", "proxy_anchor", "proxy_names",

@@ -41,6 +41,10 @@ class Pairs(NamedTuple):
   pos: jax.Array
   neg: jax.Array
 
+  def replace(self, **changes) -> "Pairs":
+    """These pairs with some fields changed (as ClassBlocks.replace)."""
+    return self._replace(**changes)
+
 
 def build_pairs(embeddings: jax.Array, labels: jax.Array, *,
                 ref_embeddings: Optional[jax.Array] = None,
@@ -59,7 +63,7 @@ def build_pairs(embeddings: jax.Array, labels: jax.Array, *,
     Pairs with M = B (+ R): column j < B is batch sample j, column B + r is reference r.
   """
   batch_size = embeddings.shape[0]
-  refs, all_labels, valid = _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
+  refs, all_labels, valid = append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
                                                ref_valid)
   num_refs = refs.shape[0]
   sim = embeddings @ refs.T
@@ -86,13 +90,13 @@ def build_proxy_pairs(embeddings: jax.Array, labels: jax.Array, proxies: jax.Arr
   Returns:
     Pairs [N, C] with N = B (+ R): pos is the sample's own class, neg every other class.
   """
-  samples, all_labels, valid = _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
+  samples, all_labels, valid = append_extra_rows(embeddings, labels, ref_embeddings, ref_labels,
                                                   ref_valid)
   sim = samples @ l2_normalize(proxies.astype(samples.dtype)).T
   own_class = all_labels[:, None] == jnp.arange(proxies.shape[0])[None, :]
   return Pairs(sim, own_class & valid[:, None], ~own_class & valid[:, None])
 
-def _append_extra_rows(embeddings, labels, ref_embeddings, ref_labels, ref_valid):
+def append_extra_rows(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None):
   """The batch followed by the extra rows: embeddings [B + R, D], labels [B + R], validity [B + R]."""
   valid = jnp.ones(labels.shape, bool)
   if ref_embeddings is None:

@@ -24,6 +24,9 @@ class References:
   def objective(self, state, step: jax.Array, pairs: losses.Pairs, loss_fn, hparams: dict,
                 multipliers=None):
     """(L, metrics): the loss over all of S; per-pair `multipliers` [B, M], if given, go inside the
-    loss (losses.pair_loss_on)."""
+    loss (losses.pair_loss_on). Over ClassBlocks, the loss block by block, with the similarities'
+    means as metrics (losses.blocked_loss; no miner serves proxy losses, so no multipliers)."""
     del state, step
+    if isinstance(pairs, losses.ClassBlocks):
+      return losses.blocked_loss(loss_fn, pairs, hparams)
     return losses.pair_loss_on(loss_fn, pairs, hparams, multipliers), {}

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from mmsi_jax import losses
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.base import References
-from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies
+from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies, check_class_block
 from mmsi_jax.search_space import Int, ShareOfRun, tunable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: checks.
@@ -81,12 +81,15 @@ class MemoryVirtualClasses(References):
     batch_size: B, the rows of every batch (the queues' shape).
     dtype: "float32" or "bfloat16", what the queues store ("float64" for checks in double precision).
     max_memory_gb: the queues may take at most this many GB (1e9 bytes); more is refused at init.
+    class_block: 0, S [(N + 1) B, (N + 1) C] whole; b > 0, the loss over blocks of b classes read
+      from the proxies and the queues in place (losses/class_blocks.py), never more than
+      [(N + 1) B, b] at once.
   """
   kind = "proxy"
 
   def __init__(self, num_classes: int, *, init: str, init_std: float, num_steps: int,
                step_gap: int, warmup_steps: int, batch_size: int, dtype: str,
-               max_memory_gb: float):
+               max_memory_gb: float, class_block: int = 0):
     checks = [
         (init in INITS, f"init={init!r} is not one of {INITS}"),
         (num_steps >= 1, f"num_steps (N) must be >= 1, got {num_steps}"),
@@ -99,7 +102,9 @@ class MemoryVirtualClasses(References):
     for ok, message in checks:
       if not ok:
         raise ValueError(f"references.memvir.{message}.")
+    check_class_block(class_block, "references.memvir")
     self.proxies = ClassProxies(num_classes, init=init, init_std=init_std)
+    self.class_block = class_block
     self.num_classes = num_classes
     self.num_steps = num_steps
     self.step_gap = step_gap
@@ -160,23 +165,28 @@ class MemoryVirtualClasses(References):
     """[N] bool: whether step t - j(M + 1), j = 1..N, is in the queues."""
     return self.past_steps(state)[1]
 
-  def pairs(self, state: VirtualClassQueues, params, embeddings: jax.Array,
-            labels: jax.Array) -> losses.Pairs:
-    """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring); unavailable steps masked.
+  def pairs(self, state: VirtualClassQueues, params, embeddings: jax.Array, labels: jax.Array):
+    """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring), unavailable steps masked; with
+    a class block, their ClassBlocks (S never whole).
 
-    S is built in blocks, so that its block of past embeddings against past proxies, the largest and a
-    constant, is computed in the forward pass only: the backward pass costs O(N), not O(N^2).
+    S whole is built in blocks, so that its block of past embeddings against past proxies, the largest
+    and a constant, is computed in the forward pass only: the backward pass costs O(N), not O(N^2).
     """
     n, c, dim, dtype = self.num_steps, self.num_classes, embeddings.shape[1], embeddings.dtype
     past, available = self.past_steps(state)
-    proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
-    past_proxies = l2_normalize(state.proxies[past].reshape(n * c, dim).astype(dtype))
     past_embeddings = state.embeddings[past].reshape(n * self.batch_size, dim).astype(dtype)
-    sim = jnp.block([[embeddings @ proxies.T, embeddings @ past_proxies.T],
-                     [past_embeddings @ proxies.T, past_embeddings @ past_proxies.T]])
     all_labels = jnp.concatenate([labels, (state.labels[past] + c * jnp.arange(1, n + 1)[:, None])
                                   .reshape(-1).astype(labels.dtype)])  # Step t - j(M + 1): + jC.
     row_valid = jnp.concatenate([jnp.ones(labels.shape, bool), jnp.repeat(available, self.batch_size)])
+    if self.class_block:
+      rows = jnp.concatenate([embeddings, past_embeddings])
+      return losses.ClassBlocks(
+          (rows, params[PROXY_PARAMS]), all_labels, row_valid,
+          more=(losses.ClassGroups(state.proxies, past, available, first_id=c),), block=self.class_block)
+    proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
+    past_proxies = l2_normalize(state.proxies[past].reshape(n * c, dim).astype(dtype))
+    sim = jnp.block([[embeddings @ proxies.T, embeddings @ past_proxies.T],
+                     [past_embeddings @ proxies.T, past_embeddings @ past_proxies.T]])
     column_valid = jnp.concatenate([jnp.ones((c,), bool), jnp.repeat(available, c)])
     own_class = all_labels[:, None] == jnp.arange((n + 1) * c)[None, :]
     return losses.Pairs(sim, own_class & row_valid[:, None],
@@ -184,7 +194,7 @@ class MemoryVirtualClasses(References):
 
   def objective(self, state: VirtualClassQueues, step: jax.Array, pairs: losses.Pairs, loss_fn,
                 hparams: dict, multipliers=None):
-    loss, _ = super().objective(state, step, pairs, loss_fn, hparams, multipliers)
+    loss, metrics = super().objective(state, step, pairs, loss_fn, hparams, multipliers)
     virtual_steps = jnp.sum(self.available(state).astype(jnp.int32))
-    return loss, {"memvir/virtual_steps": virtual_steps,
+    return loss, {**metrics, "memvir/virtual_steps": virtual_steps,
                   "memvir/classes": (virtual_steps + 1) * self.num_classes}

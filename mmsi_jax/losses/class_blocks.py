@@ -1,0 +1,218 @@
+"""Proxy losses over blocks of classes: S [N, C] is never held whole.
+
+A proxy loss reduces S over its classes in one of two ways, and each is a reduction that can be
+computed block by block and merged:
+
+  ClassSoftmax   L = mean_{i active} [ log sum_{c in D_i} exp(z_ic) - mean_{c in P_i} z_ic ],
+                 z = logits(S, pos): per row, an online log-sum-exp (running max m_i and
+                 s_i = sum exp(z_ic - m_i), merged as m = max(m', m''), s = s' e^{m'-m} + s'' e^{m''-m})
+                 and the sums of the targets' logits (NormSoftmax, CosFace, ArcFace, ProxyNCA).
+  ClassTerms     L = sum_c pull_c / |C+| + sum_c push_c / |C+-|: per class, independent terms over the
+                 rows, summed block by block with the counts (Proxy-Anchor).
+
+Each loss is declared as a function of one block (its logits and softmax support, or its per-class
+terms); called on S, pos, neg it is the whole loss, the reference of the blocked form. `blocked_loss`
+scans over the blocks of classes with `jax.checkpoint` on the scan's body: the forward pass keeps one
+block of [rows, classes] and the running statistics ([rows] or scalars) per block, and the backward
+pass recomputes each block from the rows and that block of class vectors. Memory: O(rows x block), not
+O(rows x classes); the gradient of the class vectors is accumulated in place.
+
+The class vectors come in groups (`ClassGroups`): the proxies W [C, D], and for MemVir the past steps'
+proxies read from its queues, group g holding class ids first_id + g C .. first_id + (g + 1) C - 1. A
+block of b classes starts at min(j b, C - b), so that no group is padded or copied: the last block of a
+group overlaps the one before, and its classes already seen are masked out.
+"""
+
+import functools
+from typing import Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from mmsi_jax.losses.masked import masked_log1p_sum_exp, masked_mean, softmax_cross_entropy
+from mmsi_jax.models import l2_normalize
+
+
+def _count(mask: jax.Array, axis=None) -> jax.Array:
+  return jnp.sum(mask, axis=axis, dtype=jnp.int32)
+
+
+def _declared(wrapper, function: Callable) -> None:
+  """`wrapper` takes the name, docstring and signature (its hyperparameters) of `function`."""
+  functools.update_wrapper(wrapper, function)
+
+
+class ClassSoftmax:
+  """A softmax cross-entropy over classes, from `terms(S, pos, neg, **hparams) -> (z, D)`: the logits
+  z [N, C] and the softmax's support D [N, C] (the targets are pos; see masked.softmax_cross_entropy).
+  """
+
+  def __init__(self, terms: Callable):
+    self.terms = terms
+    _declared(self, terms)
+
+  def __call__(self, sim, pos, neg, **hparams):
+    logits, candidates = self.terms(sim, pos, neg, **hparams)
+    return softmax_cross_entropy(logits, pos, candidates)
+
+  def stats(self, sim, pos, neg, hparams: dict):
+    """(m, s, target sum, target count, support count) per row, of one block."""
+    logits, candidates = self.terms(sim, pos, neg, **hparams)
+    row_max = jax.lax.stop_gradient(jnp.max(jnp.where(candidates, logits, -jnp.inf), axis=-1))
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    exp_sum = jnp.sum(jnp.exp(jnp.where(candidates, logits - shift[:, None], -jnp.inf)), axis=-1)
+    return (row_max, exp_sum, jnp.sum(jnp.where(pos, logits, 0.0), axis=-1),
+            _count(pos, axis=-1), _count(candidates, axis=-1))
+
+  def empty(self, num_rows: int, dtype) -> tuple:
+    zeros = jnp.zeros((num_rows,), dtype)
+    counts = jnp.zeros((num_rows,), jnp.int32)
+    return (jnp.full((num_rows,), -jnp.inf, dtype), zeros, zeros, counts, counts)
+
+  def merge(self, first, second):
+    (max_a, sum_a, target_a, pos_a, cand_a), (max_b, sum_b, target_b, pos_b, cand_b) = first, second
+    row_max = jnp.maximum(max_a, max_b)
+
+    def rescaled(block_max, exp_sum):  # sum exp(z - m) of one part relative to the common max.
+      finite = jnp.isfinite(block_max)
+      return jnp.where(finite, exp_sum * jnp.exp(jnp.where(finite, block_max - row_max, 0.0)), 0.0)
+    return (row_max, rescaled(max_a, sum_a) + rescaled(max_b, sum_b), target_a + target_b,
+            pos_a + pos_b, cand_a + cand_b)
+
+  def finish(self, stats) -> jax.Array:
+    row_max, exp_sum, target_sum, pos_count, cand_count = stats
+    active = (pos_count > 0) & (cand_count > 0)
+    log_sum = jnp.where(active, jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+                        + jnp.log(jnp.where(active, exp_sum, 1.0)), 0.0)
+    return masked_mean(log_sum - target_sum / jnp.maximum(pos_count, 1), active)
+
+
+class ClassTerms:
+  """L = sum_c pull_c / max(|C+|, 1) + sum_c push_c / max(|C+-|, 1), from
+  `terms(S, pos, neg, **hparams) -> (pull [C], push [C])`: C+ the classes with a target row, C+- those
+  with a target or another row (a column with neither is no class of the step)."""
+
+  def __init__(self, terms: Callable):
+    self.terms = terms
+    _declared(self, terms)
+
+  def __call__(self, sim, pos, neg, **hparams):
+    return self.finish(self.stats(sim, pos, neg, hparams))
+
+  def stats(self, sim, pos, neg, hparams: dict):
+    """(pull sum, push sum, classes with a target, classes with a row) of one block."""
+    pull, push = self.terms(sim, pos, neg, **hparams)
+    return (jnp.sum(pull), jnp.sum(push), _count(jnp.any(pos, axis=0)),
+            _count(jnp.any(pos | neg, axis=0)))
+
+  def empty(self, num_rows: int, dtype) -> tuple:
+    del num_rows
+    return (jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32))
+
+  def merge(self, first, second):
+    return jax.tree.map(jnp.add, first, second)
+
+  def finish(self, stats) -> jax.Array:
+    pull, push, with_target, with_row = stats
+    return pull / jnp.maximum(with_target, 1) + push / jnp.maximum(with_row, 1)
+
+
+def log1p_sum_exp_per_class(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """log(1 + sum_i mask_ic exp(logits_ic)) per column c of [N, C]: a class's term over its rows."""
+  return masked_log1p_sum_exp(logits.T, mask.T)
+
+
+@flax.struct.dataclass
+class ClassGroups:
+  """Groups of C class vectors each, any norm (normalised block by block).
+
+  Attributes:
+    vectors: [C, D] (one group) or [Q, C, D] read at `slots`, e.g. MemVir's queue of past proxies.
+    slots: None, or [G] int32, the groups' indices into vectors' first axis.
+    available: None (every group), or [G] bool: an unavailable group's classes are nobody's.
+    first_id: the class id of the first group's first vector; group g's class c is
+      first_id + g C + c.
+  """
+  vectors: jax.Array
+  slots: Optional[jax.Array] = None
+  available: Optional[jax.Array] = None
+  first_id: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def num_groups(self) -> int:
+    return 1 if self.slots is None else self.slots.shape[0]
+
+  @property
+  def num_classes(self) -> int:
+    return self.vectors.shape[-2]
+
+
+@flax.struct.dataclass
+class ClassBlocks:
+  """N rows against the classes of some ClassGroups, S = rows @ normalised vectors^T never held whole;
+  what a blocked references component gives the step in place of Pairs (references/proxies.py).
+
+  Attributes:
+    sim: (rows [N, D] L2-normalised, proxies [C, D]): what the step differentiates, in place of S.
+      The proxies are the first group (class ids 0 .. C - 1).
+    labels: [N] int class ids of the rows.
+    row_valid: [N] bool; an invalid row has no pair.
+    more: further ClassGroups, constant (e.g. MemVir's past proxies), after the proxies.
+    block: b, the classes per block.
+  """
+  sim: tuple
+  labels: jax.Array
+  row_valid: jax.Array
+  more: tuple = ()
+  block: int = flax.struct.field(pytree_node=False, default=1024)
+
+
+def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: int, dtype):
+  """(vectors [b, D] normalised, class ids [b], whether each class is new here [b]) of block `index`
+  of group `group`."""
+  num_classes, dim = groups.num_classes, groups.vectors.shape[-1]
+  start = jnp.minimum(index * block, num_classes - block)
+  if groups.slots is None:
+    vectors = jax.lax.dynamic_slice(groups.vectors, (start, 0), (block, dim))
+  else:
+    vectors = jax.lax.dynamic_slice(groups.vectors, (groups.slots[group], start, 0),
+                                    (1, block, dim))[0]
+  within = start + jnp.arange(block)
+  new = within >= index * block
+  if groups.available is not None:
+    new = new & groups.available[group]
+  return (l2_normalize(vectors.astype(dtype)), groups.first_id + group * num_classes + within, new)
+
+
+def blocked_loss(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, dict]:
+  """(L, {"train/pos_sim", "train/neg_sim"}) of a ClassSoftmax or ClassTerms loss over the classes of
+  `blocks`, block by block (module docstring); equal to `loss` on the whole S and masks."""
+  rows, proxies = blocks.sim
+  labels, row_valid = blocks.labels, blocks.row_valid
+  empty = (loss.empty(rows.shape[0], rows.dtype), (jnp.zeros((), rows.dtype), jnp.zeros((), jnp.int32),
+                                                   jnp.zeros((), rows.dtype), jnp.zeros((), jnp.int32)))
+
+  def body(groups, block, carry, indices):
+    stats, sums = carry
+    vectors, class_ids, new = _block_of(groups, *indices, block, rows.dtype)
+    sim = rows @ vectors.T
+    own = labels[:, None] == class_ids[None, :]
+    in_step = row_valid[:, None] & new[None, :]
+    pos, neg = own & in_step, ~own & in_step
+    plain = jax.lax.stop_gradient(sim)
+    sums = jax.tree.map(jnp.add, sums, (jnp.sum(jnp.where(pos, plain, 0.0)), _count(pos),
+                                        jnp.sum(jnp.where(neg, plain, 0.0)), _count(neg)))
+    return (loss.merge(stats, loss.stats(sim, pos, neg, hparams)), sums), None
+
+  carry = empty
+  for groups in (ClassGroups(proxies), *blocks.more):
+    block = min(blocks.block, groups.num_classes)
+    per_group = -(-groups.num_classes // block)
+    indices = (jnp.repeat(jnp.arange(groups.num_groups), per_group),
+               jnp.tile(jnp.arange(per_group), groups.num_groups))
+    carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(body, groups, block)), carry, indices)
+  stats, (pos_sum, pos_count, neg_sum, neg_count) = carry
+  return loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
+                              "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)}
