@@ -24,9 +24,9 @@ def run_compare(workdir, data_dir, *args):
   command = [sys.executable, "-m", "mmsi_jax.compare", "--config=tests/compare_config.py",
              f"--seeds={','.join(map(str, SEEDS))}", f"--workdir={workdir}", "--parallel=2",
              f"--config.data.data_dir={data_dir}", *args]
-  # The runs share compiled steps through JAX's persistent cache: only the first of each compiles.
-  cache = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": f"{workdir}_jax_cache",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  # The runs share compiled programs with each other and the suite's other runs through the session's
+  # persistent cache (tests/conftest.py): only the first of each compiles.
+  cache = {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                         env={**os.environ, **cache})
