@@ -1,5 +1,6 @@
 """Evaluation: retrieval metrics against a brute-force NumPy ranking, NMI against a contingency-table
-computation, k-means as a fixed point, sharding over 4 virtual CPU devices, and the figures.
+computation, k-means as a fixed point, sharding over 4 virtual CPU devices, the figures, and the raw-pixel
+baseline computed once and read back from beside the dataset.
 
 Embeddings are multiples of 1/64 with small norms, so every inner product is exact in float32 whatever
 the summation order: the brute force and the device then see the very same similarities, ties included.
