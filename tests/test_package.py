@@ -2,13 +2,14 @@
 environment, used from outside the repository; pyproject.toml's ranges against requirements.txt's pins;
 the Python version check.
 
-The environments see this one's site-packages (--system-site-packages), so nothing is downloaded:
-pip installs the package alone (--no-deps, --no-index, --no-build-isolation).
+The environments see this one's packages, so nothing is downloaded: pip installs the package alone
+(--no-deps, --no-index, --no-build-isolation).
 """
 
 import os
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -26,10 +27,14 @@ def _clean_env(**extra) -> dict:
 
 
 def _venv(path: pathlib.Path, source: pathlib.Path, editable: bool) -> pathlib.Path:
-  """A fresh environment at `path` with the package of `source` installed; its bin directory."""
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
-                 check=True)
+  """A fresh environment at `path` with the package of `source` installed; its bin directory. It reads
+  this environment's packages (a .pth of its site-packages, which works whether this one is a venv or
+  not) after its own, so the package it installs is the one it imports."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
   python = path / "bin" / "python"
+  own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       check=True, capture_output=True, text=True).stdout.strip()
+  pathlib.Path(own, "parent_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
   subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                   *(["-e"] if editable else []), str(source)], check=True, env=_clean_env(),
                  cwd=path)
