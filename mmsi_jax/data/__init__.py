@@ -3,3 +3,6 @@
 `pipeline.load_split(name, split, data_dir=DIR)` reads a prepared split; `python -m mmsi_jax.data.prepare`
 builds one. Nothing is imported here: the sampler and the transforms load without TFDS or grain.
 """
+
+# The public modules (each imported when named: `from mmsi_jax.data import pipeline`).
+__all__ = ["pipeline", "sampler", "transforms"]
