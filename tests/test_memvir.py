@@ -12,6 +12,7 @@ import pytest
 
 from configs import real_datasets
 from mmsi_jax import losses, step, train
+from mmsi_jax.losses.class_blocks import stored_values
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references import memvir as memvir_lib
 from tests.test_every_loss import reference, unit
@@ -137,8 +138,9 @@ def test_bf16_queues_store_the_entries_rounded():
   for t, state, _ in run(make(dtype="bfloat16"), steps):
     slot = t - U
     if slot >= 0:
-      assert state.embeddings.dtype == jnp.bfloat16
-      np.testing.assert_allclose(state.embeddings[slot], steps[t][0], rtol=1e-2, atol=1e-2)
+      assert state.embeddings.dtype == jnp.uint16  # bfloat16's bits (class_blocks.stored_bits).
+      np.testing.assert_allclose(stored_values(state.embeddings[slot]).astype(jnp.float32),
+                                 steps[t][0], rtol=1e-2, atol=1e-2)
 
 
 def test_memory_formula_and_the_budget():

@@ -26,7 +26,8 @@ from mmsi_jax import loss_memory, losses
 from mmsi_jax.bench import timing
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references import ClassProxies, MemoryVirtualClasses
-from mmsi_jax.references.memvir import queue_bytes
+from mmsi_jax.losses.class_blocks import stored_bits
+from mmsi_jax.references.memvir import DTYPES, queue_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +48,11 @@ def _full_queues(refs: MemoryVirtualClasses, shapes, seed: int = 1):
   """Queues of the shapes `shapes` with every slot written: random unit rows and labels."""
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)
   slots, batch, dim = shapes.embeddings.shape
+  dtype = DTYPES[refs.dtype]
   return shapes.replace(
-      embeddings=l2_normalize(jax.random.normal(keys[0], (slots, batch, dim))).astype(
-          shapes.embeddings.dtype),
+      embeddings=stored_bits(l2_normalize(jax.random.normal(keys[0], (slots, batch, dim))).astype(dtype)),
       labels=jax.random.randint(keys[1], (slots, batch), 0, refs.num_classes),
-      proxies=jax.random.normal(keys[2], shapes.proxies.shape).astype(shapes.proxies.dtype),
+      proxies=stored_bits(jax.random.normal(keys[2], shapes.proxies.shape).astype(dtype)),
       pushed=jnp.asarray(slots, jnp.int32))
 
 

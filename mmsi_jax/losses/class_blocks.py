@@ -129,7 +129,8 @@ class ClassGroups:
   """Groups of C class vectors each, any norm (normalised block by block).
 
   Attributes:
-    vectors: [C, D] (one group) or [Q, C, D] read at `slots`, e.g. MemVir's queue of past proxies.
+    vectors: [C, D] (one group) or [Q, C, D] read at `slots`, e.g. MemVir's queue of past proxies;
+      uint16: bfloat16 values stored as their bits (`stored_bits`).
     slots: None, or [G] int32, the groups' indices into vectors' first axis.
     available: None (every group), or [G] bool: an unavailable group's classes are nobody's.
     first_id: the class id of the first group's first vector; group g's class c is
@@ -169,6 +170,18 @@ class ClassBlocks:
   block: int = flax.struct.field(pytree_node=False, default=1024)
 
 
+def stored_bits(values: jax.Array) -> jax.Array:
+  """bfloat16 values as their bits (uint16), other dtypes as they are: how class vectors are best
+  stored to be read block by block (XLA on the CPU casts a bfloat16 array read in slices inside a loop
+  to float32 whole, once: a float32 copy of it); `stored_values` reads them back."""
+  return jax.lax.bitcast_convert_type(values, jnp.uint16) if values.dtype == jnp.bfloat16 else values
+
+
+def stored_values(stored: jax.Array) -> jax.Array:
+  """The values of `stored_bits`: uint16 read as bfloat16 bits, other dtypes as they are."""
+  return jax.lax.bitcast_convert_type(stored, jnp.bfloat16) if stored.dtype == jnp.uint16 else stored
+
+
 def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: int, dtype):
   """(vectors [b, D] normalised, class ids [b], whether each class is new here [b]) of block `index`
   of group `group`."""
@@ -183,7 +196,8 @@ def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: in
   new = within >= index * block
   if groups.available is not None:
     new = new & groups.available[group]
-  return (l2_normalize(vectors.astype(dtype)), groups.first_id + group * num_classes + within, new)
+  return (l2_normalize(stored_values(vectors).astype(dtype)),
+          groups.first_id + group * num_classes + within, new)
 
 
 def blocked_loss(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, dict]:
@@ -212,7 +226,8 @@ def blocked_loss(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, d
     per_group = -(-groups.num_classes // block)
     indices = (jnp.repeat(jnp.arange(groups.num_groups), per_group),
                jnp.tile(jnp.arange(per_group), groups.num_groups))
-    carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(body, groups, block)), carry, indices)
+    carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(body, groups, block), prevent_cse=False),
+                             carry, indices)
   stats, (pos_sum, pos_count, neg_sum, neg_count) = carry
   return loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
                               "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)}

@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from mmsi_jax import losses
+from mmsi_jax.losses.class_blocks import stored_bits, stored_values
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.base import References
 from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies, check_class_block
 from mmsi_jax.search_space import Int, ShareOfRun, tunable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: checks.
+# bfloat16 entries are kept as their bits (uint16): see losses/class_blocks.py, stored_bits.
 
 
 @flax.struct.dataclass
@@ -43,9 +45,9 @@ class VirtualClassQueues:
   """The last Q = N(M + 1) + 1 pushed steps, a ring indexed by the push count.
 
   Attributes:
-    embeddings: [Q, B, D] detached embeddings of each pushed step.
+    embeddings: [Q, B, D] detached embeddings of each pushed step (bfloat16 as its bits, uint16).
     labels: [Q, B] int32 their labels.
-    proxies: [Q, C, D] the proxies before each pushed step's update.
+    proxies: [Q, C, D] the proxies before each pushed step's update (as embeddings).
     pushed: [] int32, steps pushed so far; step number p (0-based) is in slot p mod Q.
   """
   embeddings: jax.Array
@@ -117,10 +119,11 @@ class MemoryVirtualClasses(References):
     self.check_memory(embed_dim)
     params, _ = self.proxies.init(rng, embed_dim)
     slots, dtype = queue_steps(self.num_steps, self.step_gap), DTYPES[self.dtype]
+    zeros = lambda shape: stored_bits(jnp.zeros(shape, dtype))
     return params, VirtualClassQueues(
-        embeddings=jnp.zeros((slots, self.batch_size, embed_dim), dtype),
+        embeddings=zeros((slots, self.batch_size, embed_dim)),
         labels=jnp.zeros((slots, self.batch_size), jnp.int32),
-        proxies=jnp.zeros((slots, self.num_classes, embed_dim), dtype),
+        proxies=zeros((slots, self.num_classes, embed_dim)),
         pushed=jnp.zeros((), jnp.int32))
 
   def check_memory(self, embed_dim: int) -> None:
@@ -145,9 +148,9 @@ class MemoryVirtualClasses(References):
     write = jnp.asarray(step) >= self.warmup_steps
     slots = state.labels.shape[0]
     slot = jnp.where(write, state.pushed % slots, slots)  # Out of range: dropped by the scatter.
-    dtype = state.embeddings.dtype
-    embeddings = jax.lax.stop_gradient(embeddings).astype(dtype)
-    proxies = jax.lax.stop_gradient(params[PROXY_PARAMS]).astype(dtype)
+    dtype = DTYPES[self.dtype]
+    embeddings = stored_bits(jax.lax.stop_gradient(embeddings).astype(dtype))
+    proxies = stored_bits(jax.lax.stop_gradient(params[PROXY_PARAMS]).astype(dtype))
     return state.replace(
         embeddings=state.embeddings.at[slot].set(embeddings, mode="drop"),
         labels=state.labels.at[slot].set(labels.astype(jnp.int32), mode="drop"),
@@ -174,7 +177,8 @@ class MemoryVirtualClasses(References):
     """
     n, c, dim, dtype = self.num_steps, self.num_classes, embeddings.shape[1], embeddings.dtype
     past, available = self.past_steps(state)
-    past_embeddings = state.embeddings[past].reshape(n * self.batch_size, dim).astype(dtype)
+    past_embeddings = stored_values(state.embeddings[past]).reshape(n * self.batch_size, dim).astype(
+        dtype)
     all_labels = jnp.concatenate([labels, (state.labels[past] + c * jnp.arange(1, n + 1)[:, None])
                                   .reshape(-1).astype(labels.dtype)])  # Step t - j(M + 1): + jC.
     row_valid = jnp.concatenate([jnp.ones(labels.shape, bool), jnp.repeat(available, self.batch_size)])
@@ -184,7 +188,7 @@ class MemoryVirtualClasses(References):
           (rows, params[PROXY_PARAMS]), all_labels, row_valid,
           more=(losses.ClassGroups(state.proxies, past, available, first_id=c),), block=self.class_block)
     proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
-    past_proxies = l2_normalize(state.proxies[past].reshape(n * c, dim).astype(dtype))
+    past_proxies = l2_normalize(stored_values(state.proxies[past]).reshape(n * c, dim).astype(dtype))
     sim = jnp.block([[embeddings @ proxies.T, embeddings @ past_proxies.T],
                      [past_embeddings @ proxies.T, past_embeddings @ past_proxies.T]])
     column_valid = jnp.concatenate([jnp.ones((c,), bool), jnp.repeat(available, c)])
