@@ -153,8 +153,8 @@ RESNET50_PRETRAINED = "data/pretrained/resnet50-0676ba61.pth"
 RESNET50_VARIANTS = ("xbm_contrastive_resnet50", "xbm_ms_resnet50", "proxy_anchor_resnet50")
 VARIANTS = (*VARIANTS, *RESNET50_VARIANTS)
 MEMVIR_STEPS = {"proxy_nca": (20, 25)}  # (N, M) where not (45, 10).
-# Classes per block of SOP's proxy losses (references.*.class_block): MemVir's S is [(N + 1) 128, 2048]
-# at a time instead of [5,888, 520,628] (docs/BENCHMARKS.md, memvir).
+# Classes per block of MemVir on SOP (references.memvir.class_block): S is [(N + 1) 128, 2048] at a time
+# instead of [5,888, 520,628] whole, 0.3 GB beyond the queues instead of 39 GB (docs/BENCHMARKS.md).
 SOP_CLASS_BLOCK = 2048
 MEMVIR_VARIANTS = tuple(f"memvir_{name}" for name in (*MEMVIR_BASELINES, "proxy_anchor"))
 VARIANTS += MEMVIR_VARIANTS
@@ -394,9 +394,8 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   else:
     config = proxy_anchor(dataset)
   spec = DATASETS[dataset]
-  if dataset == "sop":  # 11,318 classes: every proxy loss over class blocks (docs/METHODS.md, MemVir).
-    config.references.proxies.class_block = SOP_CLASS_BLOCK
-    config.references.memvir.class_block = SOP_CLASS_BLOCK
+  if dataset == "sop":  # MemVir over class blocks (docs/METHODS.md, MemVir); the plain proxy losses
+    config.references.memvir.class_block = SOP_CLASS_BLOCK  # hold S [B, 11,318] whole: 67 MB.
   config.train.eval_every = min(spec.eval_every, config.train.num_steps)
   config.train.checkpoint_every = config.train.eval_every
   config.eval.ks = spec.ks

@@ -175,3 +175,28 @@ def tiny_proxy_setup():
   batch = {"images": jnp.asarray(rng.integers(0, 256, (rows, 32, 32, 3)), jnp.uint8),
            "labels": jnp.asarray(np.arange(rows) % 8, jnp.int32)}
   return make_config, batch
+
+
+def test_sop_memvir_runs_over_class_blocks_and_the_smaller_datasets_whole():
+  from configs import real_datasets  # pylint: disable=g-import-not-at-top
+  for variant in real_datasets.MEMVIR_VARIANTS:
+    assert real_datasets.get_config("sop", variant).references.memvir.class_block == (
+        real_datasets.SOP_CLASS_BLOCK)
+    assert real_datasets.get_config("cars196", variant).references.memvir.class_block == 0
+
+
+def test_the_run_start_line_gives_the_proxies_queues_and_the_loss_parts_peak():
+  from mmsi_jax import loss_memory  # pylint: disable=g-import-not-at-top
+  from mmsi_jax.references import MemoryVirtualClasses  # pylint: disable=g-import-not-at-top
+  peaks = []
+  for class_block in (0, 16):
+    refs = MemoryVirtualClasses(64, init="normal", init_std=1.0, num_steps=4, step_gap=1,
+                                warmup_steps=0, batch_size=32, dtype="float32", max_memory_gb=1.0,
+                                class_block=class_block)
+    params, queues = refs.init(jax.random.PRNGKey(0), 16)
+    line = loss_memory.report(refs, losses.get_proxy_loss("norm_softmax"), {}, params, queues, 32)
+    # 64 x 16 float32 proxies; (4 x 2 + 1) x ((64 + 32) x 16 x 4 + 4 x 32) bytes of queues.
+    assert line.startswith("Proxies [64, 16] 0.0 MB per device") and "queues 0.1 MB" in line, line
+    assert ("over blocks of 16 classes" if class_block else "with S whole") in line
+    peaks.append(float(line.split("peaks at ")[1].split(" MB")[0]))
+  assert peaks[1] < peaks[0]  # S [160, 320] whole against [160, 16] blocks.
