@@ -13,8 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmsi_jax import (batch_policies, checkpointing, mining, models, parallel, pretrain, references,
-                      reporting, run_record, stopping)
+from mmsi_jax import (batch_policies, checkpointing, loss_memory, mining, models, parallel, pretrain,
+                      references, reporting, run_record, stopping)
 from mmsi_jax.config_check import check_config
 from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
