@@ -1,7 +1,7 @@
 """Timing helpers shared by the benchmarks."""
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np

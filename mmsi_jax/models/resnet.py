@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mmsi_jax.models import torch_weights
 from mmsi_jax.models.bn_inception import BatchNorm
