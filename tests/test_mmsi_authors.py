@@ -13,7 +13,6 @@ L(m S); for contrastive, linear in its pair terms, that is the same as re-weight
 update's gradient and Adam step are checked too.
 """
 
-import dataclasses
 
 import flax.linen as nn
 import jax
