@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmsi_jax.losses.masked import masked_log1p_sum_exp, masked_mean, softmax_cross_entropy
 from mmsi_jax.models import l2_normalize
@@ -46,7 +47,9 @@ def _declared(wrapper, function: Callable) -> None:
 class ClassSoftmax:
   """A softmax cross-entropy over classes, from `terms(S, pos, neg, **hparams) -> (z, D)`: the logits
   z [N, C] and the softmax's support D [N, C] (the targets are pos; see masked.softmax_cross_entropy).
+  Its statistics are per row (`per_row`): a row's share of the loss depends on its own row of S only.
   """
+  per_row = True
 
   def __init__(self, terms: Callable):
     self.terms = terms
@@ -91,7 +94,9 @@ class ClassSoftmax:
 class ClassTerms:
   """L = sum_c pull_c / max(|C+|, 1) + sum_c push_c / max(|C+-|, 1), from
   `terms(S, pos, neg, **hparams) -> (pull [C], push [C])`: C+ the classes with a target row, C+- those
-  with a target or another row (a column with neither is no class of the step)."""
+  with a target or another row (a column with neither is no class of the step). Its statistics are
+  sums over all rows (not `per_row`)."""
+  per_row = False
 
   def __init__(self, terms: Callable):
     self.terms = terms
@@ -162,12 +167,15 @@ class ClassBlocks:
     row_valid: [N] bool; an invalid row has no pair.
     more: further ClassGroups, constant (e.g. MemVir's past proxies), after the proxies.
     block: b, the classes per block.
+    trained_rows: T, the leading rows with a gradient (MemVir: the batch); the others are constants
+      (no gradient is computed for them). 0: every row.
   """
   sim: tuple
   labels: jax.Array
   row_valid: jax.Array
   more: tuple = ()
   block: int = flax.struct.field(pytree_node=False, default=1024)
+  trained_rows: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def stored_bits(values: jax.Array) -> jax.Array:
@@ -183,8 +191,8 @@ def stored_values(stored: jax.Array) -> jax.Array:
 
 
 def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: int, dtype):
-  """(vectors [b, D] normalised, class ids [b], whether each class is new here [b]) of block `index`
-  of group `group`."""
+  """(vectors [b, D] as stored, cast to `dtype`, class ids [b], whether each class is new here [b]) of
+  block `index` of group `group`."""
   num_classes, dim = groups.num_classes, groups.vectors.shape[-1]
   start = jnp.minimum(index * block, num_classes - block)
   if groups.slots is None:
@@ -196,38 +204,111 @@ def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: in
   new = within >= index * block
   if groups.available is not None:
     new = new & groups.available[group]
-  return (l2_normalize(stored_values(vectors).astype(dtype)),
-          groups.first_id + group * num_classes + within, new)
+  return stored_values(vectors).astype(dtype), groups.first_id + group * num_classes + within, new
+
+
+def _pairs_of_block(rows, labels, row_valid, vectors, class_ids, new):
+  """S [rows, b] of the rows against a block's vectors (normalised here), and its pos and neg masks."""
+  own = labels[:, None] == class_ids[None, :]
+  in_step = row_valid[:, None] & new[None, :]
+  return rows @ l2_normalize(vectors).T, own & in_step, ~own & in_step
+
+
+def _blocks(groups: ClassGroups, block: int) -> tuple[int, tuple]:
+  """(b, (group index, block index) of every block of `groups`): blocks of min(block, C) classes."""
+  block = min(block, groups.num_classes)
+  per_group = -(-groups.num_classes // block)
+  return block, (jnp.repeat(jnp.arange(groups.num_groups), per_group),
+                 jnp.tile(jnp.arange(per_group), groups.num_groups))
 
 
 def blocked_loss(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, dict]:
   """(L, {"train/pos_sim", "train/neg_sim"}) of a ClassSoftmax or ClassTerms loss over the classes of
-  `blocks`, block by block (module docstring); equal to `loss` on the whole S and masks."""
-  rows, proxies = blocks.sim
-  labels, row_valid = blocks.labels, blocks.row_valid
-  empty = (loss.empty(rows.shape[0], rows.dtype), (jnp.zeros((), rows.dtype), jnp.zeros((), jnp.int32),
-                                                   jnp.zeros((), rows.dtype), jnp.zeros((), jnp.int32)))
+  `blocks`, block by block (module docstring); equal to `loss` on the whole S and masks.
 
-  def body(groups, block, carry, indices):
+  Its gradient in the rows and the proxies (a custom VJP) makes a second pass over the blocks, with the
+  forward pass's merged statistics: each block's share of dL/dS is the VJP of merge(block, total),
+  which equals the block's part of d total because merging is linear in each part (the maxima held
+  constant). Blocks of the constant groups recompute only the first `trained_rows` rows where the
+  reduction is per row (ClassSoftmax): the other rows and those groups have no gradient.
+  """
+  rows, proxies = blocks.sim
+  trained = blocks.trained_rows or rows.shape[0]
+  return _blocked(loss, tuple(sorted(hparams.items())), blocks.block, trained, rows, proxies,
+                  (blocks.labels, blocks.row_valid, blocks.more))
+
+
+def _forward(loss, hparams, block, trained, rows, proxies, constants):
+  del trained
+  labels, row_valid, more = constants
+  hparams = dict(hparams)
+  zero = jnp.zeros((), rows.dtype)
+  count = jnp.zeros((), jnp.int32)
+
+  def body(groups, size, carry, indices):
     stats, sums = carry
-    vectors, class_ids, new = _block_of(groups, *indices, block, rows.dtype)
-    sim = rows @ vectors.T
-    own = labels[:, None] == class_ids[None, :]
-    in_step = row_valid[:, None] & new[None, :]
-    pos, neg = own & in_step, ~own & in_step
-    plain = jax.lax.stop_gradient(sim)
-    sums = jax.tree.map(jnp.add, sums, (jnp.sum(jnp.where(pos, plain, 0.0)), _count(pos),
-                                        jnp.sum(jnp.where(neg, plain, 0.0)), _count(neg)))
+    sim, pos, neg = _pairs_of_block(rows, labels, row_valid, *_block_of(groups, *indices, size,
+                                                                          rows.dtype))
+    sums = jax.tree.map(jnp.add, sums, (jnp.sum(jnp.where(pos, sim, 0.0)), _count(pos),
+                                        jnp.sum(jnp.where(neg, sim, 0.0)), _count(neg)))
     return (loss.merge(stats, loss.stats(sim, pos, neg, hparams)), sums), None
 
-  carry = empty
-  for groups in (ClassGroups(proxies), *blocks.more):
-    block = min(blocks.block, groups.num_classes)
-    per_group = -(-groups.num_classes // block)
-    indices = (jnp.repeat(jnp.arange(groups.num_groups), per_group),
-               jnp.tile(jnp.arange(per_group), groups.num_groups))
-    carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(body, groups, block), prevent_cse=False),
-                             carry, indices)
+  carry = (loss.empty(rows.shape[0], rows.dtype), (zero, count, zero, count))
+  for groups in (ClassGroups(proxies), *more):
+    size, indices = _blocks(groups, block)
+    carry, _ = jax.lax.scan(functools.partial(body, groups, size), carry, indices)
   stats, (pos_sum, pos_count, neg_sum, neg_count) = carry
-  return loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
-                              "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)}
+  outputs = (loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
+                                  "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)})
+  return outputs, (rows, proxies, constants, stats)
+
+
+def _backward(loss, hparams, block, trained, residuals, cotangents):
+  rows, proxies, constants, total = residuals
+  labels, row_valid, more = constants
+  hparams = dict(hparams)
+  (total_cotangent,) = jax.vjp(loss.finish, total)[1](cotangents[0])
+
+  def block_gradients(used, total_used, cotangent_used, vectors, class_ids, new):
+    """d(rows[:used]) and d(vectors) of L through this block's statistics."""
+    def statistics(block_rows, block_vectors):
+      return loss.stats(*_pairs_of_block(block_rows, labels[:used], row_valid[:used], block_vectors,
+                                         class_ids, new), hparams)
+    block_stats, stats_vjp = jax.vjp(statistics, rows[:used], vectors)
+    (share,) = jax.vjp(lambda part: loss.merge(part, total_used), block_stats)[1](cotangent_used)
+    return stats_vjp(share)
+
+  def body(groups, size, used, trained_vectors, carry, indices):
+    d_rows, d_proxies = carry
+    sliced = lambda tree: jax.tree.map(lambda x: x[:used], tree)
+    vectors, class_ids, new = _block_of(groups, *indices, size, rows.dtype)
+    d_used, d_vectors = block_gradients(used, sliced(total) if used < rows.shape[0] else total,
+                                        sliced(total_cotangent) if used < rows.shape[0]
+                                        else total_cotangent, vectors, class_ids, new)
+    d_rows = d_rows + d_used[:trained]
+    if trained_vectors:  # The proxies: their block's gradient, added in place.
+      start = (jnp.minimum(indices[1] * size, groups.num_classes - size), 0)
+      d_proxies = jax.lax.dynamic_update_slice(
+          d_proxies, jax.lax.dynamic_slice(d_proxies, start, d_vectors.shape) + d_vectors, start)
+    return (d_rows, d_proxies), None
+
+  carry = (jnp.zeros((trained, rows.shape[1]), rows.dtype), jnp.zeros(proxies.shape, rows.dtype))
+  for number, groups in enumerate((ClassGroups(proxies), *more)):
+    used = trained if number and loss.per_row else rows.shape[0]
+    size, indices = _blocks(groups, block)
+    carry, _ = jax.lax.scan(functools.partial(body, groups, size, used, number == 0), carry, indices)
+  d_rows, d_proxies = carry
+  d_rows = jnp.concatenate([d_rows, jnp.zeros((rows.shape[0] - trained, rows.shape[1]), rows.dtype)])
+  return d_rows, d_proxies.astype(proxies.dtype), jax.tree.map(_zero_cotangent, constants)
+
+
+def _zero_cotangent(x: jax.Array):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_blocked = jax.custom_vjp(lambda loss, hparams, block, trained, rows, proxies, constants:
+                          _forward(loss, hparams, block, trained, rows, proxies, constants)[0],
+                          nondiff_argnums=(0, 1, 2, 3))
+_blocked.defvjp(_forward, _backward)

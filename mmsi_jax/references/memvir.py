@@ -186,7 +186,8 @@ class MemoryVirtualClasses(References):
       rows = jnp.concatenate([embeddings, past_embeddings])
       return losses.ClassBlocks(
           (rows, params[PROXY_PARAMS]), all_labels, row_valid,
-          more=(losses.ClassGroups(state.proxies, past, available, first_id=c),), block=self.class_block)
+          more=(losses.ClassGroups(state.proxies, past, available, first_id=c),), block=self.class_block,
+          trained_rows=labels.shape[0])
     proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
     past_proxies = l2_normalize(stored_values(state.proxies[past]).reshape(n * c, dim).astype(dtype))
     sim = jnp.block([[embeddings @ proxies.T, embeddings @ past_proxies.T],
