@@ -1,8 +1,8 @@
 """Proxy losses over class blocks (losses/class_blocks.py) equal the whole computation: values and
 gradients, in float64 to 1e-10 and in float32 to 1e-5, for every proxy loss, over the proxies and over
 groups of constant class vectors read from a queue (MemVir's layout), with blocks that divide the class
-count or not; and a train step with blocks equals the whole step. MemVir's blocked form against its
-authors' rule in NumPy: tests/test_memvir.py."""
+count or not; the classes sharded over 4 devices; and a train step with blocks equals the whole step.
+MemVir's blocked form against its authors' rule in NumPy: tests/test_memvir.py."""
 
 import jax
 from jax.test_util import check_grads
@@ -67,7 +67,7 @@ def test_blocked_equals_whole_in_float64(name, hparams, with_past):
         lambda r, w: whole_loss(loss_fn, hparams, p, r, w), argnums=(0, 1)))
     expected, expected_grads = whole(p["rows"], p["proxies"])
     assert abs(float(expected)) > 1e-3
-    for block in (1, 4, C, 64):  # One class at a time; blocks overlapping at the end; whole; > C.
+    for block in (1, 4, C):  # One class at a time; blocks overlapping at the end; one block.
       blocked = jax.jit(jax.value_and_grad(
           lambda r, w, b=block: blocked_loss(loss_fn, blocks_of(p, r, w, b), hparams)[0],
           argnums=(0, 1)))
@@ -200,3 +200,54 @@ def test_the_run_start_line_gives_the_proxies_queues_and_the_loss_parts_peak():
     assert ("over blocks of 16 classes" if class_block else "with S whole") in line
     peaks.append(float(line.split("peaks at ")[1].split(" MB")[0]))
   assert peaks[1] < peaks[0]  # S [160, 320] whole against [160, 16] blocks.
+
+
+SHARDED = r"""
+import sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from mmsi_jax import losses
+from mmsi_jax.losses.class_blocks import ClassBlocks, blocked_loss
+from mmsi_jax.models import l2_normalize
+
+assert jax.device_count() == 4, jax.devices()
+rng = np.random.default_rng(0)
+rows = l2_normalize(jnp.asarray(rng.normal(size=(10, 6))))
+proxies = jnp.asarray(rng.normal(size=(12, 6)))  # 3 classes on each of the 4 devices.
+labels = jnp.asarray(rng.integers(0, 12, 10))
+valid = jnp.asarray(np.arange(10) < 9)
+mesh = Mesh(np.array(jax.devices()), ("classes",))
+for name in ("norm_softmax", "arcface", "proxy_anchor"):
+  loss_fn = losses.get_proxy_loss(name)
+
+  def whole(r, w):
+    own = labels[:, None] == jnp.arange(12)[None, :]
+    return loss_fn(r @ l2_normalize(w).T, own & valid[:, None], ~own & valid[:, None])
+
+  def sharded(r, w):
+    def local(r, shard):
+      blocks = ClassBlocks((r, shard), labels, valid, block=2)
+      return blocked_loss(loss_fn, blocks, {}, class_axis="classes")[0]
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("classes")), out_specs=P())(r, w)
+
+  value, grads = jax.jit(jax.value_and_grad(whole, argnums=(0, 1)))(rows, proxies)
+  got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(rows, proxies)
+  np.testing.assert_allclose(got, value, rtol=1e-10)
+  for a, b in zip(got_grads, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+print("ok")
+"""
+
+
+def test_proxies_sharded_over_4_devices_equal_the_whole_loss(tmp_path):
+  """Classes split over a mesh axis of 4 CPU devices (shard_map): the same loss and gradients as one
+  device holding S whole, float64 to 1e-10."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

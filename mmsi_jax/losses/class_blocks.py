@@ -83,6 +83,15 @@ class ClassSoftmax:
     return (row_max, rescaled(max_a, sum_a) + rescaled(max_b, sum_b), target_a + target_b,
             pos_a + pos_b, cand_a + cand_b)
 
+  def merge_across(self, stats, axis: str):
+    """`merge` of every device's statistics along mesh axis `axis` (inside shard_map)."""
+    row_max, exp_sum, target_sum, pos_count, cand_count = stats
+    row_max = jax.lax.stop_gradient(row_max)  # Held constant, as every maximum here.
+    common = jax.lax.pmax(row_max, axis)
+    finite = jnp.isfinite(row_max)
+    exp_sum = jnp.where(finite, exp_sum * jnp.exp(jnp.where(finite, row_max - common, 0.0)), 0.0)
+    return (common, *jax.lax.psum((exp_sum, target_sum, pos_count, cand_count), axis))
+
   def finish(self, stats) -> jax.Array:
     row_max, exp_sum, target_sum, pos_count, cand_count = stats
     active = (pos_count > 0) & (cand_count > 0)
@@ -119,6 +128,10 @@ class ClassTerms:
   def merge(self, first, second):
     return jax.tree.map(jnp.add, first, second)
 
+  def merge_across(self, stats, axis: str):
+    """`merge` of every device's statistics along mesh axis `axis` (inside shard_map)."""
+    return jax.lax.psum(stats, axis)
+
   def finish(self, stats) -> jax.Array:
     pull, push, with_target, with_row = stats
     return pull / jnp.maximum(with_target, 1) + push / jnp.maximum(with_row, 1)
@@ -138,8 +151,8 @@ class ClassGroups:
       uint16: bfloat16 values stored as their bits (`stored_bits`).
     slots: None, or [G] int32, the groups' indices into vectors' first axis.
     available: None (every group), or [G] bool: an unavailable group's classes are nobody's.
-    first_id: the class id of the first group's first vector; group g's class c is
-      first_id + g C + c.
+    first_id: the class id of the first group's first vector (an int, or a traced one for a shard
+      of the proxies); group g's class c is first_id + g C + c.
   """
   vectors: jax.Array
   slots: Optional[jax.Array] = None
@@ -222,23 +235,53 @@ def _blocks(groups: ClassGroups, block: int) -> tuple[int, tuple]:
                  jnp.tile(jnp.arange(per_group), groups.num_groups))
 
 
-def blocked_loss(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, dict]:
+def blocked_loss(loss, blocks: ClassBlocks, hparams: dict,
+                 class_axis: Optional[str] = None) -> tuple[jax.Array, dict]:
   """(L, {"train/pos_sim", "train/neg_sim"}) of a ClassSoftmax or ClassTerms loss over the classes of
   `blocks`, block by block (module docstring); equal to `loss` on the whole S and masks.
 
-  Its gradient in the rows and the proxies (a custom VJP) makes a second pass over the blocks, with the
-  forward pass's merged statistics: each block's share of dL/dS is the VJP of merge(block, total),
-  which equals the block's part of d total because merging is linear in each part (the maxima held
-  constant). Blocks of the constant groups recompute only the first `trained_rows` rows where the
-  reduction is per row (ClassSoftmax): the other rows and those groups have no gradient.
+  The statistics' gradient in the rows and the proxies (a custom VJP) makes a second pass over the
+  blocks, with the first pass's merged statistics: each block's share of dL/dS is the VJP of
+  merge(block, total), which equals the block's part of d total because merging is linear in each part
+  (the maxima held constant). Blocks of the constant groups recompute only the first `trained_rows` rows
+  where the reduction is per row (ClassSoftmax): the other rows and those groups have no gradient.
+
+  With `class_axis`, a mesh axis name inside `shard_map`, the proxies are this device's shard of the
+  classes (shard k holds classes k C' .. (k + 1) C' - 1): each device reduces its classes and the
+  statistics are merged across the axis (collectives over [rows]-sized statistics); the rows, labels and
+  any further groups are the same on every device.
   """
   rows, proxies = blocks.sim
-  trained = blocks.trained_rows or rows.shape[0]
-  return _blocked(loss, tuple(sorted(hparams.items())), blocks.block, trained, rows, proxies,
-                  (blocks.labels, blocks.row_valid, blocks.more))
+  first_class = 0 if class_axis is None else jax.lax.axis_index(class_axis) * proxies.shape[0]
+  # Each shard's gradient in the rows is its part: typed varying, the parts are summed in the rows'
+  # transpose (pcast's, a psum).
+  rows = _varying(rows, class_axis)
+  stats, sums = _statistics(loss, tuple(sorted(hparams.items())), blocks.block,
+                            blocks.trained_rows or rows.shape[0], class_axis, rows, proxies,
+                            jnp.asarray(first_class, jnp.int32),
+                            (blocks.labels, blocks.row_valid, blocks.more))
+  sums = jax.lax.stop_gradient(sums)
+  if class_axis is not None:
+    stats = loss.merge_across(stats, class_axis)
+    sums = jax.lax.psum(sums, class_axis)
+  pos_sum, pos_count, neg_sum, neg_count = sums
+  return loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
+                              "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)}
 
 
-def _forward(loss, hparams, block, trained, rows, proxies, constants):
+def _groups(proxies, first_class, more) -> tuple:
+  return (ClassGroups(proxies, first_id=first_class), *more)
+
+
+def _varying(tree, class_axis: Optional[str]):
+  """`tree` typed as varying over the class axis inside shard_map (as the carries of a scan over a
+  shard's blocks must be); unchanged without one."""
+  if class_axis is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.pcast(x, (class_axis,), to="varying"), tree)
+
+
+def _forward(loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants):
   del trained
   labels, row_valid, more = constants
   hparams = dict(hparams)
@@ -253,21 +296,18 @@ def _forward(loss, hparams, block, trained, rows, proxies, constants):
                                         jnp.sum(jnp.where(neg, sim, 0.0)), _count(neg)))
     return (loss.merge(stats, loss.stats(sim, pos, neg, hparams)), sums), None
 
-  carry = (loss.empty(rows.shape[0], rows.dtype), (zero, count, zero, count))
-  for groups in (ClassGroups(proxies), *more):
+  carry = _varying((loss.empty(rows.shape[0], rows.dtype), (zero, count, zero, count)), class_axis)
+  for groups in _groups(proxies, first_class, more):
     size, indices = _blocks(groups, block)
     carry, _ = jax.lax.scan(functools.partial(body, groups, size), carry, indices)
-  stats, (pos_sum, pos_count, neg_sum, neg_count) = carry
-  outputs = (loss.finish(stats), {"train/pos_sim": pos_sum / jnp.maximum(pos_count, 1),
-                                  "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)})
-  return outputs, (rows, proxies, constants, stats)
+  return carry, (rows, proxies, first_class, constants, carry[0])
 
 
-def _backward(loss, hparams, block, trained, residuals, cotangents):
-  rows, proxies, constants, total = residuals
+def _backward(loss, hparams, block, trained, class_axis, residuals, cotangents):
+  rows, proxies, first_class, constants, total = residuals
   labels, row_valid, more = constants
   hparams = dict(hparams)
-  (total_cotangent,) = jax.vjp(loss.finish, total)[1](cotangents[0])
+  total_cotangent = cotangents[0]  # The similarity sums are reported, not differentiated.
 
   def block_gradients(used, total_used, cotangent_used, vectors, class_ids, new):
     """d(rows[:used]) and d(vectors) of L through this block's statistics."""
@@ -292,14 +332,16 @@ def _backward(loss, hparams, block, trained, residuals, cotangents):
           d_proxies, jax.lax.dynamic_slice(d_proxies, start, d_vectors.shape) + d_vectors, start)
     return (d_rows, d_proxies), None
 
-  carry = (jnp.zeros((trained, rows.shape[1]), rows.dtype), jnp.zeros(proxies.shape, rows.dtype))
-  for number, groups in enumerate((ClassGroups(proxies), *more)):
+  carry = _varying((jnp.zeros((trained, rows.shape[1]), rows.dtype),
+                    jnp.zeros(proxies.shape, rows.dtype)), class_axis)
+  for number, groups in enumerate(_groups(proxies, first_class, more)):
     used = trained if number and loss.per_row else rows.shape[0]
     size, indices = _blocks(groups, block)
     carry, _ = jax.lax.scan(functools.partial(body, groups, size, used, number == 0), carry, indices)
   d_rows, d_proxies = carry
   d_rows = jnp.concatenate([d_rows, jnp.zeros((rows.shape[0] - trained, rows.shape[1]), rows.dtype)])
-  return d_rows, d_proxies.astype(proxies.dtype), jax.tree.map(_zero_cotangent, constants)
+  return (d_rows, d_proxies.astype(proxies.dtype), _zero_cotangent(first_class),
+          jax.tree.map(_zero_cotangent, constants))
 
 
 def _zero_cotangent(x: jax.Array):
@@ -308,7 +350,8 @@ def _zero_cotangent(x: jax.Array):
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
-_blocked = jax.custom_vjp(lambda loss, hparams, block, trained, rows, proxies, constants:
-                          _forward(loss, hparams, block, trained, rows, proxies, constants)[0],
-                          nondiff_argnums=(0, 1, 2, 3))
-_blocked.defvjp(_forward, _backward)
+_statistics = jax.custom_vjp(
+    lambda loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants: _forward(
+        loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants)[0],
+    nondiff_argnums=(0, 1, 2, 3, 4))
+_statistics.defvjp(_forward, _backward)
