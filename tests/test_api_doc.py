@@ -1,8 +1,9 @@
 """docs/API.md's code blocks run as written, top to bottom in one session, so the page cannot rot.
 
-The page compiles a train step, MMSI's meta step and the evaluator, and trains a 20-step run (about a
-minute on 2 CPU cores): marked slow. Its configs read the Glyphs dataset that the session already built
-(from data/, linked to it here).
+The page compiles a train step, MMSI's meta step and the evaluator, and trains a 20-step run: marked
+slow. Its configs read the Glyphs dataset that the session already built (from data/, linked to it
+here); its run has the settings of tests/test_train.py's tiny_config, so that the trainer's programs are
+those of the suite's tiny runs, compiled once in the session's cache (tests/conftest.py).
 """
 
 import os
@@ -10,6 +11,8 @@ import pathlib
 import re
 
 import pytest
+
+from tests.test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "API.md"
@@ -39,5 +42,10 @@ def test_the_whole_page_runs(glyphs_dir, tmp_path, monkeypatch, capsys):
   assert "multi-similarity loss after 3 steps" in printed and "meta loss" in printed
   assert 0 < namespace["metrics"]["recall@1"] < 1
   assert "Recall@1 after 20 steps" in printed
-  assert namespace["vectors"].shape == (32, 64)  # The demo embeds in 64 dimensions.
+  assert namespace["vectors"].shape == (32, 16)  # The page's run embeds in 16 dimensions.
   assert os.path.isfile(namespace["exported"])
+  config, tiny = namespace["config"], tiny_config(glyphs_dir)
+  config.data.data_dir = glyphs_dir
+  for key in ("train", "miner"):  # The run's length and cadences; no miner.
+    del config[key], tiny[key]
+  assert config.to_dict() == tiny.to_dict()
