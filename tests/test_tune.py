@@ -303,7 +303,9 @@ def test_compare_runs_each_variant_with_its_tuned_settings_beside_its_authors(gl
   tuned, authors = configs["ms (tuned)"], configs["ms"]
   assert tuned.loss.hparams.alpha == 0.7 and tuned.optim.learning_rate == 0.004
   differences = run_record.differences(run_record.flat_config(authors), tuned)
-  assert differences == [("loss.hparams.alpha", 2.0, 0.7), ("optim.learning_rate", 0.002, 0.004)]
+  assert differences == [("loss.hparams.alpha", 2.0, 0.7),
+                         ("optim.learning_rate", authors.optim.learning_rate, 0.004)]
+  assert authors.optim.learning_rate != 0.004
   tuned_runs = [r for r in runs if r.variant == "ms (tuned)"]
   assert [(r.seed, r.config.seed, r.config_spec) for r in tuned_runs] == [(0, 0, path), (1, 1, path)]
   assert tuned_runs[1].workdir == os.path.join(workdir, "ms_tuned", "seed_1")
