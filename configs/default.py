@@ -114,6 +114,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Classes per block of the proxy loss (mmsi_jax/losses/class_blocks.py): 0 holds S [B, C] whole; b > 0
   # computes it b classes at a time, never holding more than [B, b] (SOP-sized class counts and beyond).
   config.references.proxies.class_block = 0
+  # Proxies sharded over the devices (docs/USAGE.md, "Classes over devices"): 0 keeps them, their
+  # optimizer state and the loss whole on every device; k > 0 pads the classes to a multiple of k
+  # (padding is nobody's class) and splits them, with the optimizer state, over the mesh's devices,
+  # each computing the loss over its own classes (in blocks of class_block, or whole with 0). The
+  # device count must divide k (k = 8 runs, and resumes, on 1, 2, 4 or 8 devices).
+  config.references.proxies.class_shards = 0
   # MemVir: the proxies plus past steps' embeddings and proxies as virtual classes (docs/METHODS.md).
   config.references.memvir = ml_collections.ConfigDict()
   config.references.memvir.init = "kaiming_fan_out"  # The proxies' initialisation, as proxies.init.
@@ -131,6 +137,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # As proxies.class_block, over the (N + 1) C real and virtual classes: S [(N + 1) B, (N + 1) C] whole
   # (0) or b classes at a time (SOP: 48 GB whole at the authors' N and M).
   config.references.memvir.class_block = 0
+  config.references.memvir.class_shards = 0  # As proxies.class_shards; the past proxies are split too.
 
   config.miner = ml_collections.ConfigDict()
   config.miner.name = "none"  # "none" (the loss's own pair weights) or a miner of mmsi_jax.mining.

@@ -7,8 +7,12 @@ temporaries): it needs only shapes, so it is known before a step runs, at any si
 prints it (train.py), and `bench memvir` measures it against the queues.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.proxies import PROXY_PARAMS
@@ -29,21 +33,38 @@ def peak_bytes(fn, *args) -> int:
           + analysis.temp_size_in_bytes)
 
 
-def _megabytes(tree) -> float:
-  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)) / 2**20
+def _megabytes_per_device(tree) -> float:
+  """MB of one device's share of the arrays of `tree` (the whole of each, unsharded)."""
+  def shard_bytes(leaf):
+    sharding = getattr(leaf, "sharding", None)
+    shape = leaf.shape if sharding is None else sharding.shard_shape(leaf.shape)
+    return int(np.prod(shape)) * leaf.dtype.itemsize
+  return sum(shard_bytes(leaf) for leaf in jax.tree.leaves(tree)) / 2**20
 
 
-def report(refs, loss_fn, hparams: dict, params, references_state, batch_size: int) -> str:
-  """One line: the proxies' and queues' MB per device and the loss part's expected peak."""
+def report(refs, loss_fn, hparams: dict, params, references_state, batch_size: int,
+           mesh=None) -> str:
+  """One line: the proxies' and queues' MB per device and the loss part's expected peak per device.
+
+  The arrays' shardings are read from them (global arrays of a run, over `mesh`, which the loss part
+  is compiled over); host or unsharded arrays count whole.
+  """
   proxies = params[PROXY_PARAMS]
-  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-  embeddings = jax.ShapeDtypeStruct((batch_size, proxies.shape[1]), proxies.dtype)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  embeddings = jax.ShapeDtypeStruct((batch_size, proxies.shape[1]), proxies.dtype, sharding=replicated)
   labels = jnp.zeros((batch_size,), jnp.int32)
-  peak = peak_bytes(loss_part(refs, loss_fn, hparams, labels), embeddings, shape(proxies),
-                    jax.tree.map(shape, references_state))
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    peak = peak_bytes(loss_part(refs, loss_fn, hparams, labels), embeddings, shape(proxies),
+                      jax.tree.map(shape, references_state))
   block = getattr(refs, "class_block", 0)
-  form = f"over blocks of {block} classes" if block else "with S whole"
-  queues = f", queues {_megabytes(references_state):.1f} MB" if references_state is not None else ""
-  return (f"Proxies [{proxies.shape[0]}, {proxies.shape[1]}] {_megabytes(proxies):.1f} MB per device "
-          f"(the optimizer's state for them on top){queues}; the loss part {form} peaks at "
-          f"{peak / 2**20:.1f} MB (XLA's analysis, queues included).")
+  shards = getattr(refs, "class_shards", 0)
+  form = (f"over blocks of {block} classes" if block
+          else "over each device's classes at once" if shards else "with S whole")
+  if shards:
+    form += f", the classes padded to a multiple of {shards} and split over the devices"
+  queues = (f", queues {_megabytes_per_device(references_state):.1f} MB"
+            if references_state is not None else "")
+  return (f"Proxies [{proxies.shape[0]}, {proxies.shape[1]}] {_megabytes_per_device(proxies):.1f} MB "
+          f"per device (the optimizer's state for them on top){queues}; the loss part {form} peaks at "
+          f"{peak / 2**20:.1f} MB per device (XLA's analysis, queues included).")

@@ -35,6 +35,7 @@ RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.ch
 # record without one reads as having it.
 ADDED = {"data.validation.folds": 0, "data.validation.fold": 0, "references.proxies.class_block": 0,
          "references.memvir.class_block": 0,
+         "references.proxies.class_shards": 0, "references.memvir.class_shards": 0,
          "distributed.heartbeat_timeout_seconds": 100, "distributed.hang_timeout_seconds": 0}
 _ABSENT = object()  # A key that one of two configs lacks.
 

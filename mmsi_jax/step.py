@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import NamedSharding
 
 from mmsi_jax import losses, mining, models, parallel, references
 from mmsi_jax.data import transforms
 from mmsi_jax.data.sampler import EXTRA
 from mmsi_jax.losses.masked import masked_mean
 from mmsi_jax.models import MODEL_PARAMS
+from mmsi_jax.references.proxies import PROXY_PARAMS
 from mmsi_jax.search_space import Around
 
 
@@ -271,11 +273,43 @@ def multiplied_cotangent(objective: jax.tree_util.Partial, sim: jax.Array, weigh
                                objective, sim, weights)
 
 
-def make_train_step(components: Components, mesh=None, donate: bool = False) -> Callable:
+def class_shards(components: Components) -> int:
+  """k, the references' class shards (0: none; references/proxies.py)."""
+  return getattr(components.references, "class_shards", 0)
+
+
+def _under_proxies(path) -> bool:
+  return any(getattr(key, "key", getattr(key, "name", None)) == PROXY_PARAMS for key in path)
+
+
+def state_sharding(components: Components, state: TrainState, mesh):
+  """The TrainState's sharding over `mesh`: replicated (parallel.py), except with class shards every
+  array of two or more axes under a "proxies" key (the proxies [C', D], the optimizer's moments of
+  them, MemVir's past proxies [Q, C', D]) split along its class axis, the second to last, over the
+  mesh's data axis. Raises ValueError when the device count does not divide the class shards."""
+  shards = class_shards(components)
+  if not shards:
+    return parallel.replicated(mesh)
+  if shards % mesh.size:
+    raise ValueError(f"The references' class_shards={shards} is not a multiple of the {mesh.size} "
+                     f"devices: set it to a multiple of every device count the run will use (e.g. 8 "
+                     f"for 1, 2, 4 or 8 devices).")
+
+  def sharding(path, leaf):
+    if _under_proxies(path) and leaf.ndim >= 2:
+      return NamedSharding(mesh, losses.class_spec(parallel.DATA_AXIS, leaf.ndim))
+    return parallel.replicated(mesh)
+  return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def make_train_step(components: Components, mesh=None, donate: bool = False,
+                    sharding=None) -> Callable:
   """The jitted step `(state, batch) -> (state, metrics)` for one batch of uint8 images, normalised on
-  the device (transforms.normalize). With a mesh, the new state and the metrics come out replicated
-  over it (see parallel.py). With `donate`, the step reuses the input state's buffers for the new one
-  (no copy of memories and queues each step; the caller must not read the old state afterwards)."""
+  the device (transforms.normalize). With a mesh, the step is traced with it as the current mesh (a
+  loss over class shards runs in shard_map over it), the metrics come out replicated, and the new state
+  with `sharding` (`state_sharding`; replicated by default, see parallel.py). With `donate`, the step
+  reuses the input state's buffers for the new one (no copy of memories and queues each step; the
+  caller must not read the old state afterwards)."""
   refs, miner = components.references, components.miner
 
   def normalize(images):
@@ -332,5 +366,11 @@ def make_train_step(components: Components, mesh=None, donate: bool = False) -> 
                                opt_state=opt_state, rng=rng, references=references_state,
                                miner=miner_state), metrics
 
-  return jax.jit(train_step, out_shardings=None if mesh is None else parallel.replicated(mesh),
-                 donate_argnums=(0,) if donate else ())
+  def step_on_mesh(state: TrainState, batch: dict):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch)
+
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  return jax.jit(step_on_mesh, donate_argnums=(0,) if donate else (),
+                 out_shardings=(sharding or parallel.replicated(mesh), parallel.replicated(mesh)))

@@ -19,7 +19,7 @@ from mmsi_jax.config_check import check_config
 from mmsi_jax.data import pipeline, sampler as sampler_lib, transforms
 from mmsi_jax.eval.evaluator import Evaluator, embed_split, make_embed_fn
 from mmsi_jax.models import MODEL_PARAMS
-from mmsi_jax.step import build, create_train_state, make_train_step
+from mmsi_jax.step import build, create_train_state, make_train_step, state_sharding
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,18 +101,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   image_shape = transforms.test_transform(data)(train_source[0]["image"]).shape
   state = create_train_state(jax.random.PRNGKey(config.seed), components, image_shape)
   state = state.replace(batches=policy.init_state())
-  if components.references.kind == "proxy":  # What the class vectors and the loss part will take.
-    say(loss_memory.report(components.references, components.loss_fn, components.hparams, state.params,
-                           state.references, policy.sampler(state.batches).batch_size))
 
   num_steps = config.train.num_steps
   ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
   mesh = parallel.data_mesh()
-  state = jax.device_put(state, parallel.replicated(mesh))
+  # Replicated, but for the class shards of the proxies (and their optimizer state and queues).
+  sharding = state_sharding(components, state, mesh)
+  state = jax.device_put(state, sharding)
+  if components.references.kind == "proxy":  # What the class vectors and the loss part will take.
+    say(loss_memory.report(components.references, components.loss_fn, components.hparams, state.params,
+                           state.references, policy.sampler(state.batches).batch_size, mesh))
+  # Restored with the state's sharding, whatever the device count that wrote the checkpoint.
   state, restored_step = checkpointing.restore_latest(ckpt, state)
   if restored_step is None and initial_weights is not None:  # A resumed run keeps its own weights.
-    state = jax.device_put(checkpointing.init_from(state, initial_weights, config.init_from),
-                           parallel.replicated(mesh))
+    state = jax.device_put(checkpointing.init_from(state, initial_weights, config.init_from), sharding)
     say(f"Starting from the model weights of {config.init_from} (not its optimizer state or step).")
   start_step = int(state.step)
   if primary and restored_step is None:  # The run starts: the workdir is its own from here on.
@@ -126,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # The state is donated: each step writes the new state into the old one's buffers. A checkpoint
   # copies the state to the host before `save` returns (orbax's default transfer), so a later step
   # cannot change what it writes.
-  train_step = make_train_step(components, mesh, donate=True)
+  train_step = make_train_step(components, mesh, donate=True, sharding=sharding)
   embed_fn = make_embed_fn(model, data.normalization)
 
   def embed(images):  # The current parameters: `state` is rebound every step.

@@ -202,52 +202,13 @@ def test_the_run_start_line_gives_the_proxies_queues_and_the_loss_parts_peak():
   assert peaks[1] < peaks[0]  # S [160, 320] whole against [160, 16] blocks.
 
 
-SHARDED = r"""
-import sys
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
-from mmsi_jax import losses
-from mmsi_jax.losses.class_blocks import ClassBlocks, blocked_loss
-from mmsi_jax.models import l2_normalize
-
-assert jax.device_count() == 4, jax.devices()
-rng = np.random.default_rng(0)
-rows = l2_normalize(jnp.asarray(rng.normal(size=(10, 6))))
-proxies = jnp.asarray(rng.normal(size=(12, 6)))  # 3 classes on each of the 4 devices.
-labels = jnp.asarray(rng.integers(0, 12, 10))
-valid = jnp.asarray(np.arange(10) < 9)
-mesh = Mesh(np.array(jax.devices()), ("classes",))
-for name in ("norm_softmax", "arcface", "proxy_anchor"):
-  loss_fn = losses.get_proxy_loss(name)
-
-  def whole(r, w):
-    own = labels[:, None] == jnp.arange(12)[None, :]
-    return loss_fn(r @ l2_normalize(w).T, own & valid[:, None], ~own & valid[:, None])
-
-  def sharded(r, w):
-    def local(r, shard):
-      blocks = ClassBlocks((r, shard), labels, valid, block=2)
-      return blocked_loss(loss_fn, blocks, {}, class_axis="classes")[0]
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("classes")), out_specs=P())(r, w)
-
-  value, grads = jax.jit(jax.value_and_grad(whole, argnums=(0, 1)))(rows, proxies)
-  got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(rows, proxies)
-  np.testing.assert_allclose(got, value, rtol=1e-10)
-  for a, b in zip(got_grads, grads):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-print("ok")
-"""
-
-
-def test_proxies_sharded_over_4_devices_equal_the_whole_loss(tmp_path):
-  """Classes split over a mesh axis of 4 CPU devices (shard_map): the same loss and gradients as one
-  device holding S whole, float64 to 1e-10."""
+def test_classes_sharded_over_4_devices_give_the_results_of_one():
+  """Classes split over 4 CPU devices: the loss equals the whole one (float64 1e-10), a train step the
+  unsharded step, and a checkpoint restores on 2 and 1 devices (tests/sharded_classes.py)."""
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+  done = subprocess.run([sys.executable, "-m", "tests.sharded_classes"], capture_output=True,
+                        text=True, env=env, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -90,7 +90,9 @@ def test_short_run_learns_and_writes_its_outputs(tiny_run):
 def method_config(data_dir, method):
   """tiny_config with a method: "mmsi_xbm" (MMSI weighting the pairs of MS over the batch and XBM's
   memory of 100 slots from step 4), "memvir" (NormSoftmax with MemVir's queues from step
-  4, N 2, M 2, in random batches, its proxies at 10x), "osm_caa" or "smart_mining" (batches of 8
+  4, N 2, M 2, in random batches, its proxies at 10x, over blocks of 16 classes, the 100 classes padded
+  to 102 for 3 class shards: the trainer's sharded path, on one device here), "osm_caa" or
+  "smart_mining" (batches of 8
   triplets mined anew every 10 steps, the ratio triplet and global loss)."""
   config = tiny_config(data_dir, miner="mmsi" if method == "mmsi_xbm" else "none")
   if method == "mmsi_xbm":  # With MS, whose pair weights vary (a contrastive loss's are constant).
@@ -99,7 +101,8 @@ def method_config(data_dir, method):
   elif method == "memvir":
     config.loss = ml_collections.ConfigDict(dict(name="norm_softmax", hparams={}))
     config.references.name = "memvir"
-    config.references.memvir.update(num_steps=2, step_gap=2, warmup_steps=4)
+    config.references.memvir.update(num_steps=2, step_gap=2, warmup_steps=4, class_block=16,
+                                    class_shards=3)
     config.optim.lr_mults.proxies = 10.0
     config.data.sampler = "random"
   elif method == "osm_caa":  # With its classifier, SGD, a step schedule and 10% of the labels shuffled.
@@ -188,9 +191,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run_bitwise(glyphs_dir, tmp
     assert int(state_b["batches"]["controller"]["count"]) == 2
   if method == "memvir":  # And MemVir's queues (16 steps pushed from step 4, the ring of 7 wrapped),
     queues = state_b["references"]  # its proxies and their Adam moments (compared above).
-    assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 100, 16)
+    assert int(queues["pushed"]) == 16 and queues["proxies"].shape == (7, 102, 16)
     assert records[-2]["memvir/classes"] == 300
-    assert state_b["params"]["proxies"].shape == (100, 16)
+    assert state_b["params"]["proxies"].shape == (102, 16)
+    np.testing.assert_array_equal(state_b["params"]["proxies"][100:], 0)  # The padding is no class.
   if method == "osm_caa":  # And the classifier (features -> 100 classes), with its SGD momentum.
     kernel_shape = state_b["params"]["classifier"]["features"]["kernel"].shape
     assert kernel_shape[1] == 100

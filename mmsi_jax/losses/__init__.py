@@ -28,7 +28,7 @@ from typing import Optional
 import jax
 
 from mmsi_jax.losses.binomial_deviance import binomial_deviance
-from mmsi_jax.losses.class_blocks import ClassBlocks, ClassGroups, blocked_loss
+from mmsi_jax.losses.class_blocks import ClassBlocks, ClassGroups, blocked_loss, class_spec
 from mmsi_jax.losses.contrastive import contrastive
 from mmsi_jax.losses.distance_contrastive import distance_contrastive
 from mmsi_jax.losses.lifted_structure import lifted_structure
@@ -130,8 +130,8 @@ def get(name: str):
 
 
 __all__ = [
-    "ClassBlocks", "ClassGroups", "Pairs", "arcface", "blocked_loss", "binomial_deviance", "build_pairs", "build_proxy_pairs", "contrastive",
-    "cosface", "distance_contrastive", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss",
+    "ClassBlocks", "ClassGroups", "Pairs", "arcface", "blocked_loss", "binomial_deviance", "build_pairs",
+    "build_proxy_pairs", "class_spec", "contrastive", "cosface", "distance_contrastive", "get", "get_pair_loss", "get_proxy_loss", "is_proxy_loss",
     "lifted_structure", "loss_and_pair_weights", "multi_similarity", "multi_similarity_mining", "names",
     "norm_softmax", "ntxent", "pair_loss_on", "pair_weights", "proxy_anchor", "proxy_names",
     "proxy_nca", "registry_of", "takes_multipliers", "triplet", "weighted_pair_loss", "PAIR_LOSSES",

@@ -12,15 +12,20 @@ computed block by block and merged:
 
 Each loss is declared as a function of one block (its logits and softmax support, or its per-class
 terms); called on S, pos, neg it is the whole loss, the reference of the blocked form. `blocked_loss`
-scans over the blocks of classes with `jax.checkpoint` on the scan's body: the forward pass keeps one
-block of [rows, classes] and the running statistics ([rows] or scalars) per block, and the backward
-pass recomputes each block from the rows and that block of class vectors. Memory: O(rows x block), not
-O(rows x classes); the gradient of the class vectors is accumulated in place.
+scans over the blocks of classes, keeping one block of [rows, classes] and the running statistics
+([rows] or scalars); its gradient is a custom VJP that scans the blocks again, recomputing each from
+the rows and its class vectors. Memory: O(rows x block), not O(rows x classes); the gradient of the
+class vectors is accumulated in place.
 
 The class vectors come in groups (`ClassGroups`): the proxies W [C, D], and for MemVir the past steps'
 proxies read from its queues, group g holding class ids first_id + g C .. first_id + (g + 1) C - 1. A
 block of b classes starts at min(j b, C - b), so that no group is padded or copied: the last block of a
-group overlaps the one before, and its classes already seen are masked out.
+group overlaps the one before, and its classes already seen are masked out. A group may end in padding
+(`ClassBlocks.num_classes` real classes of C): those classes are nobody's.
+
+Sharded (`ClassBlocks.shard_axis`), every group's class axis is split over the devices of a mesh axis:
+each device reduces the blocks of its own classes, and the statistics are merged across the devices
+(a maximum and sums of [rows]-sized arrays); the rows and labels are the same on every device.
 """
 
 import functools
@@ -30,6 +35,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from mmsi_jax.losses.masked import masked_log1p_sum_exp, masked_mean, softmax_cross_entropy
 from mmsi_jax.models import l2_normalize
@@ -151,8 +157,8 @@ class ClassGroups:
       uint16: bfloat16 values stored as their bits (`stored_bits`).
     slots: None, or [G] int32, the groups' indices into vectors' first axis.
     available: None (every group), or [G] bool: an unavailable group's classes are nobody's.
-    first_id: the class id of the first group's first vector (an int, or a traced one for a shard
-      of the proxies); group g's class c is first_id + g C + c.
+    first_id: the class id of the first group's first vector; group g's class c is
+      first_id + g C + c (C the classes of a group over every shard).
   """
   vectors: jax.Array
   slots: Optional[jax.Array] = None
@@ -182,6 +188,11 @@ class ClassBlocks:
     block: b, the classes per block.
     trained_rows: T, the leading rows with a gradient (MemVir: the batch); the others are constants
       (no gradient is computed for them). 0: every row.
+    num_classes: the real classes of each group, the first of its C vectors; the rest are padding,
+      nobody's classes. 0: all C.
+    shard_axis: None, or the mesh axis over which the proxies and every group's vectors are split along
+      their class axis (global arrays, e.g. a TrainState's): `blocked_loss` then runs in shard_map
+      over the current mesh (`jax.set_mesh`; one device when none is set).
   """
   sim: tuple
   labels: jax.Array
@@ -189,6 +200,8 @@ class ClassBlocks:
   more: tuple = ()
   block: int = flax.struct.field(pytree_node=False, default=1024)
   trained_rows: int = flax.struct.field(pytree_node=False, default=0)
+  num_classes: int = flax.struct.field(pytree_node=False, default=0)
+  shard_axis: Optional[str] = flax.struct.field(pytree_node=False, default=None)
 
 
 def stored_bits(values: jax.Array) -> jax.Array:
@@ -203,21 +216,38 @@ def stored_values(stored: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(stored, jnp.bfloat16) if stored.dtype == jnp.uint16 else stored
 
 
-def _block_of(groups: ClassGroups, group: jax.Array, index: jax.Array, block: int, dtype):
+@flax.struct.dataclass
+class ShardLayout:
+  """Where this device's vectors of a group sit among the group's classes.
+
+  Attributes:
+    offset: [] int32, the group index of this device's first vector (0 unsharded).
+    classes_per_group: C, a group's vectors over every device (static).
+    real_classes: the group's real classes, the first ones (static); the others are padding.
+  """
+  offset: jax.Array
+  classes_per_group: int = flax.struct.field(pytree_node=False)
+  real_classes: int = flax.struct.field(pytree_node=False)
+
+
+def _block_of(groups: ClassGroups, layout: ShardLayout, group: jax.Array, index: jax.Array,
+              block: int, dtype):
   """(vectors [b, D] as stored, cast to `dtype`, class ids [b], whether each class is new here [b]) of
-  block `index` of group `group`."""
-  num_classes, dim = groups.num_classes, groups.vectors.shape[-1]
-  start = jnp.minimum(index * block, num_classes - block)
+  block `index` of this device's vectors of group `group`."""
+  local_classes, dim = groups.num_classes, groups.vectors.shape[-1]
+  start = jnp.minimum(index * block, local_classes - block)
   if groups.slots is None:
     vectors = jax.lax.dynamic_slice(groups.vectors, (start, 0), (block, dim))
   else:
     vectors = jax.lax.dynamic_slice(groups.vectors, (groups.slots[group], start, 0),
                                     (1, block, dim))[0]
   within = start + jnp.arange(block)
-  new = within >= index * block
+  in_group = layout.offset + within
+  new = (within >= index * block) & (in_group < layout.real_classes)
   if groups.available is not None:
     new = new & groups.available[group]
-  return stored_values(vectors).astype(dtype), groups.first_id + group * num_classes + within, new
+  class_ids = groups.first_id + group * layout.classes_per_group + in_group
+  return stored_values(vectors).astype(dtype), class_ids, new
 
 
 def _pairs_of_block(rows, labels, row_valid, vectors, class_ids, new):
@@ -246,19 +276,29 @@ def blocked_loss(loss, blocks: ClassBlocks, hparams: dict,
   (the maxima held constant). Blocks of the constant groups recompute only the first `trained_rows` rows
   where the reduction is per row (ClassSoftmax): the other rows and those groups have no gradient.
 
-  With `class_axis`, a mesh axis name inside `shard_map`, the proxies are this device's shard of the
-  classes (shard k holds classes k C' .. (k + 1) C' - 1): each device reduces its classes and the
-  statistics are merged across the axis (collectives over [rows]-sized statistics); the rows, labels and
-  any further groups are the same on every device.
+  With `class_axis`, a mesh axis name inside `shard_map`, the proxies and every further group's vectors
+  are this device's shard of their classes (shard k holds a group's classes k C' .. (k + 1) C' - 1):
+  each device reduces its classes and the statistics are merged across the axis (collectives over
+  [rows]-sized statistics); the rows and labels are the same on every device. Blocks with a
+  `shard_axis` (global arrays split over it) call this in shard_map with that axis.
   """
+  if blocks.shard_axis is not None and class_axis is None:
+    return _in_shard_map(loss, blocks, hparams)
   rows, proxies = blocks.sim
-  first_class = 0 if class_axis is None else jax.lax.axis_index(class_axis) * proxies.shape[0]
+  local_classes = proxies.shape[0]
+  for groups in blocks.more:
+    if groups.num_classes != local_classes:
+      raise ValueError(f"Every group of class vectors must have the proxies' {local_classes} classes "
+                       f"(per device), not {groups.num_classes}.")
+  shards = 1 if class_axis is None else jax.lax.axis_size(class_axis)
+  offset = 0 if class_axis is None else jax.lax.axis_index(class_axis) * local_classes
+  layout = ShardLayout(jnp.asarray(offset, jnp.int32), local_classes * shards,
+                       blocks.num_classes or local_classes * shards)
   # Each shard's gradient in the rows is its part: typed varying, the parts are summed in the rows'
   # transpose (pcast's, a psum).
   rows = _varying(rows, class_axis)
   stats, sums = _statistics(loss, tuple(sorted(hparams.items())), blocks.block,
-                            blocks.trained_rows or rows.shape[0], class_axis, rows, proxies,
-                            jnp.asarray(first_class, jnp.int32),
+                            blocks.trained_rows or rows.shape[0], class_axis, rows, proxies, layout,
                             (blocks.labels, blocks.row_valid, blocks.more))
   sums = jax.lax.stop_gradient(sums)
   if class_axis is not None:
@@ -269,8 +309,34 @@ def blocked_loss(loss, blocks: ClassBlocks, hparams: dict,
                               "train/neg_sim": neg_sum / jnp.maximum(neg_count, 1)}
 
 
-def _groups(proxies, first_class, more) -> tuple:
-  return (ClassGroups(proxies, first_id=first_class), *more)
+def class_spec(axis: str, ndim: int) -> PartitionSpec:
+  """The PartitionSpec of class vectors [..., C, D] split along their class axis over mesh `axis`."""
+  return PartitionSpec(*([None] * (ndim - 2)), axis, None)
+
+
+def _in_shard_map(loss, blocks: ClassBlocks, hparams: dict) -> tuple[jax.Array, dict]:
+  """`blocked_loss` of blocks whose class vectors are global arrays split over `blocks.shard_axis`,
+  run on each device's shard inside shard_map over the current mesh (one device if none is set)."""
+  axis = blocks.shard_axis
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = Mesh(np.array(jax.devices()[:1]), (axis,))
+  replicated = PartitionSpec()
+  maybe = lambda x: None if x is None else replicated
+  rows, proxies = blocks.sim
+  specs = blocks.replace(
+      sim=(replicated, class_spec(axis, proxies.ndim)), labels=replicated, row_valid=replicated,
+      more=tuple(groups.replace(vectors=class_spec(axis, groups.vectors.ndim),
+                                slots=maybe(groups.slots), available=maybe(groups.available))
+                 for groups in blocks.more))
+
+  def local(shard: ClassBlocks):
+    return blocked_loss(loss, shard.replace(shard_axis=None), hparams, class_axis=axis)
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=replicated)(blocks)
+
+
+def _groups(proxies, more) -> tuple:
+  return (ClassGroups(proxies), *more)
 
 
 def _varying(tree, class_axis: Optional[str]):
@@ -281,7 +347,7 @@ def _varying(tree, class_axis: Optional[str]):
   return jax.tree.map(lambda x: jax.lax.pcast(x, (class_axis,), to="varying"), tree)
 
 
-def _forward(loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants):
+def _forward(loss, hparams, block, trained, class_axis, rows, proxies, layout, constants):
   del trained
   labels, row_valid, more = constants
   hparams = dict(hparams)
@@ -290,21 +356,21 @@ def _forward(loss, hparams, block, trained, class_axis, rows, proxies, first_cla
 
   def body(groups, size, carry, indices):
     stats, sums = carry
-    sim, pos, neg = _pairs_of_block(rows, labels, row_valid, *_block_of(groups, *indices, size,
-                                                                          rows.dtype))
+    sim, pos, neg = _pairs_of_block(rows, labels, row_valid,
+                                    *_block_of(groups, layout, *indices, size, rows.dtype))
     sums = jax.tree.map(jnp.add, sums, (jnp.sum(jnp.where(pos, sim, 0.0)), _count(pos),
                                         jnp.sum(jnp.where(neg, sim, 0.0)), _count(neg)))
     return (loss.merge(stats, loss.stats(sim, pos, neg, hparams)), sums), None
 
   carry = _varying((loss.empty(rows.shape[0], rows.dtype), (zero, count, zero, count)), class_axis)
-  for groups in _groups(proxies, first_class, more):
+  for groups in _groups(proxies, more):
     size, indices = _blocks(groups, block)
     carry, _ = jax.lax.scan(functools.partial(body, groups, size), carry, indices)
-  return carry, (rows, proxies, first_class, constants, carry[0])
+  return carry, (rows, proxies, layout, constants, carry[0])
 
 
 def _backward(loss, hparams, block, trained, class_axis, residuals, cotangents):
-  rows, proxies, first_class, constants, total = residuals
+  rows, proxies, layout, constants, total = residuals
   labels, row_valid, more = constants
   hparams = dict(hparams)
   total_cotangent = cotangents[0]  # The similarity sums are reported, not differentiated.
@@ -321,7 +387,7 @@ def _backward(loss, hparams, block, trained, class_axis, residuals, cotangents):
   def body(groups, size, used, trained_vectors, carry, indices):
     d_rows, d_proxies = carry
     sliced = lambda tree: jax.tree.map(lambda x: x[:used], tree)
-    vectors, class_ids, new = _block_of(groups, *indices, size, rows.dtype)
+    vectors, class_ids, new = _block_of(groups, layout, *indices, size, rows.dtype)
     d_used, d_vectors = block_gradients(used, sliced(total) if used < rows.shape[0] else total,
                                         sliced(total_cotangent) if used < rows.shape[0]
                                         else total_cotangent, vectors, class_ids, new)
@@ -334,13 +400,13 @@ def _backward(loss, hparams, block, trained, class_axis, residuals, cotangents):
 
   carry = _varying((jnp.zeros((trained, rows.shape[1]), rows.dtype),
                     jnp.zeros(proxies.shape, rows.dtype)), class_axis)
-  for number, groups in enumerate(_groups(proxies, first_class, more)):
+  for number, groups in enumerate(_groups(proxies, more)):
     used = trained if number and loss.per_row else rows.shape[0]
     size, indices = _blocks(groups, block)
     carry, _ = jax.lax.scan(functools.partial(body, groups, size, used, number == 0), carry, indices)
   d_rows, d_proxies = carry
   d_rows = jnp.concatenate([d_rows, jnp.zeros((rows.shape[0] - trained, rows.shape[1]), rows.dtype)])
-  return (d_rows, d_proxies.astype(proxies.dtype), _zero_cotangent(first_class),
+  return (d_rows, d_proxies.astype(proxies.dtype), jax.tree.map(_zero_cotangent, layout),
           jax.tree.map(_zero_cotangent, constants))
 
 
@@ -351,7 +417,7 @@ def _zero_cotangent(x: jax.Array):
 
 
 _statistics = jax.custom_vjp(
-    lambda loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants: _forward(
-        loss, hparams, block, trained, class_axis, rows, proxies, first_class, constants)[0],
+    lambda loss, hparams, block, trained, class_axis, rows, proxies, layout, constants: _forward(
+        loss, hparams, block, trained, class_axis, rows, proxies, layout, constants)[0],
     nondiff_argnums=(0, 1, 2, 3, 4))
 _statistics.defvjp(_forward, _backward)

@@ -33,7 +33,8 @@ from mmsi_jax import losses
 from mmsi_jax.losses.class_blocks import stored_bits, stored_values
 from mmsi_jax.models import l2_normalize
 from mmsi_jax.references.base import References
-from mmsi_jax.references.proxies import INITS, PROXY_PARAMS, ClassProxies, check_class_block
+from mmsi_jax.references.proxies import (INITS, PROXY_PARAMS, ClassProxies, check_class_block,
+                                         class_blocks, padded_classes)
 from mmsi_jax.search_space import Int, ShareOfRun, tunable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: checks.
@@ -86,12 +87,15 @@ class MemoryVirtualClasses(References):
     class_block: 0, S [(N + 1) B, (N + 1) C] whole; b > 0, the loss over blocks of b classes read
       from the proxies and the queues in place (losses/class_blocks.py), never more than
       [(N + 1) B, b] at once.
+    class_shards: 0, or k > 0: the proxies and the queue of past proxies padded to a multiple of k
+      classes and split along their class axis over the devices (references/proxies.py); the loss
+      then runs over blocks (of class_block, or of every class of a device's shard with 0).
   """
   kind = "proxy"
 
   def __init__(self, num_classes: int, *, init: str, init_std: float, num_steps: int,
                step_gap: int, warmup_steps: int, batch_size: int, dtype: str,
-               max_memory_gb: float, class_block: int = 0):
+               max_memory_gb: float, class_block: int = 0, class_shards: int = 0):
     checks = [
         (init in INITS, f"init={init!r} is not one of {INITS}"),
         (num_steps >= 1, f"num_steps (N) must be >= 1, got {num_steps}"),
@@ -104,9 +108,10 @@ class MemoryVirtualClasses(References):
     for ok, message in checks:
       if not ok:
         raise ValueError(f"references.memvir.{message}.")
-    check_class_block(class_block, "references.memvir")
-    self.proxies = ClassProxies(num_classes, init=init, init_std=init_std)
+    check_class_block(class_block, class_shards, "references.memvir")
+    self.proxies = ClassProxies(num_classes, init=init, init_std=init_std, class_shards=class_shards)
     self.class_block = class_block
+    self.class_shards = class_shards
     self.num_classes = num_classes
     self.num_steps = num_steps
     self.step_gap = step_gap
@@ -123,16 +128,21 @@ class MemoryVirtualClasses(References):
     return params, VirtualClassQueues(
         embeddings=zeros((slots, self.batch_size, embed_dim)),
         labels=jnp.zeros((slots, self.batch_size), jnp.int32),
-        proxies=zeros((slots, self.num_classes, embed_dim)),
+        proxies=zeros((slots, self.padded_classes, embed_dim)),
         pushed=jnp.zeros((), jnp.int32))
+
+  @property
+  def padded_classes(self) -> int:
+    """C', the proxies' rows (C padded for the class shards); class ids of past step j start at j C'."""
+    return padded_classes(self.num_classes, self.class_shards)
 
   def check_memory(self, embed_dim: int) -> None:
     """Raises ValueError, with the formula and its numbers, when the queues exceed the budget."""
-    size = queue_bytes(num_classes=self.num_classes, embed_dim=embed_dim, batch_size=self.batch_size,
+    size = queue_bytes(num_classes=self.padded_classes, embed_dim=embed_dim, batch_size=self.batch_size,
                        num_steps=self.num_steps, step_gap=self.step_gap, dtype=self.dtype)
     if size > self.max_memory_gb * 1e9:
       itemsize = jnp.dtype(DTYPES[self.dtype]).itemsize
-      n, m, c, b = self.num_steps, self.step_gap, self.num_classes, self.batch_size
+      n, m, c, b = self.num_steps, self.step_gap, self.padded_classes, self.batch_size
       raise ValueError(
           f"references.memvir: the queues need (N(M+1) + 1) x ((C + B) x D x s + 4B) bytes = "
           f"({n} x {m + 1} + 1) x (({c} + {b}) x {embed_dim} x {itemsize} + 4 x {b}) = "
@@ -170,23 +180,23 @@ class MemoryVirtualClasses(References):
 
   def pairs(self, state: VirtualClassQueues, params, embeddings: jax.Array, labels: jax.Array):
     """Pairs [(N + 1) B, (N + 1) C] of E' against W' (module docstring), unavailable steps masked; with
-    a class block, their ClassBlocks (S never whole).
+    a class block or class shards, their ClassBlocks (S never whole).
 
     S whole is built in blocks, so that its block of past embeddings against past proxies, the largest
     and a constant, is computed in the forward pass only: the backward pass costs O(N), not O(N^2).
     """
-    n, c, dim, dtype = self.num_steps, self.num_classes, embeddings.shape[1], embeddings.dtype
+    n, c, dim, dtype = self.num_steps, self.padded_classes, embeddings.shape[1], embeddings.dtype
     past, available = self.past_steps(state)
     past_embeddings = stored_values(state.embeddings[past]).reshape(n * self.batch_size, dim).astype(
         dtype)
     all_labels = jnp.concatenate([labels, (state.labels[past] + c * jnp.arange(1, n + 1)[:, None])
                                   .reshape(-1).astype(labels.dtype)])  # Step t - j(M + 1): + jC.
     row_valid = jnp.concatenate([jnp.ones(labels.shape, bool), jnp.repeat(available, self.batch_size)])
-    if self.class_block:
-      rows = jnp.concatenate([embeddings, past_embeddings])
-      return losses.ClassBlocks(
-          (rows, params[PROXY_PARAMS]), all_labels, row_valid,
-          more=(losses.ClassGroups(state.proxies, past, available, first_id=c),), block=self.class_block,
+    if self.class_block or self.class_shards:
+      return class_blocks(
+          jnp.concatenate([embeddings, past_embeddings]), params[PROXY_PARAMS], all_labels, row_valid,
+          num_classes=self.num_classes, class_block=self.class_block, class_shards=self.class_shards,
+          more=(losses.ClassGroups(state.proxies, past, available, first_id=c),),
           trained_rows=labels.shape[0])
     proxies = l2_normalize(params[PROXY_PARAMS].astype(dtype))
     past_proxies = l2_normalize(stored_values(state.proxies[past]).reshape(n * c, dim).astype(dtype))
