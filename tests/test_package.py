@@ -123,8 +123,8 @@ def test_the_readme_gives_the_two_commands_and_points_into_docs():
   readme = (REPO / "README.md").read_text()
   assert ("    pip install -r requirements.txt && python -m mmsi_jax.main --config=configs/demo.py "
           "--workdir=runs/demo\n") in readme
-  assert "    python -m pytest -q tests\n" in readme
+  assert "    python -m pytest -q -n auto --dist loadscope tests\n" in readme
   ci = (REPO / ".ci" / "run").read_text()
-  assert "pip install -r requirements.txt" in ci and "python -m pytest -q tests" in ci
+  assert "pip install -r requirements.txt" in ci and "python -m pytest -q -n auto --dist loadscope tests" in ci
   for page in ("docs/API.md", "docs/WEIGHTS.md", "docs/USAGE.md", "docs/METHODS.md", "launch/README.md"):
     assert page in readme and (REPO / page).is_file(), page
