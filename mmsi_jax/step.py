@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -296,8 +297,8 @@ def state_sharding(components: Components, state: TrainState, mesh):
                      f"for 1, 2, 4 or 8 devices).")
 
   def sharding(path, leaf):
-    if _under_proxies(path) and leaf.ndim >= 2:
-      return NamedSharding(mesh, losses.class_spec(parallel.DATA_AXIS, leaf.ndim))
+    if _under_proxies(path) and np.ndim(leaf) >= 2:
+      return NamedSharding(mesh, losses.class_spec(parallel.DATA_AXIS, np.ndim(leaf)))
     return parallel.replicated(mesh)
   return jax.tree_util.tree_map_with_path(sharding, state)
 
