@@ -26,7 +26,7 @@ import dataclasses
 import fcntl
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -105,15 +105,18 @@ def _build_lock(path: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def recipe_config(recipe: Recipe, data_dir: str) -> ml_collections.ConfigDict:
-  """The recipe's config, reading and writing its datasets under `data_dir`."""
-  config, _ = config_cli.resolve(recipe.config, [f"--config.data.data_dir={data_dir}"])
+def recipe_config(recipe: Recipe, data_dir: str,
+                  overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The recipe's config, reading and writing its datasets under `data_dir`, with `overrides`
+  (--config.KEY=VALUE)."""
+  config, _ = config_cli.resolve(recipe.config, [f"--config.data.data_dir={data_dir}", *overrides])
   return config
 
 
-def ensure(path: str, data_dir: str = "data") -> None:
-  """Builds the model at `path` if it is one of RECIPES and not there yet (module docstring); waits
-  while another process builds it. Anything else is left to the caller's own checks."""
+def ensure(path: str, data_dir: str = "data", overrides: Sequence[str] = ()) -> None:
+  """Builds the model at `path` if it is one of RECIPES and not there yet (module docstring), its run
+  with `overrides`; waits while another process builds it. Anything else is left to the caller's own
+  checks."""
   recipe = recipe_of(path)
   if recipe is None or is_built(path, recipe):
     return
@@ -124,7 +127,7 @@ def ensure(path: str, data_dir: str = "data") -> None:
     print(f"{path} is missing: building it once, {recipe.what}; its run is {workdir}.", flush=True)
     from mmsi_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
     started = time.perf_counter()
-    train.train_and_evaluate(recipe_config(recipe, data_dir), workdir)
+    train.train_and_evaluate(recipe_config(recipe, data_dir, overrides), workdir)
     if recipe.export_backbone:
       export_backbone(workdir, path)
     else:
@@ -158,3 +161,28 @@ if __name__ == "__main__":  # The flags are the command's: a training run import
                       f"The model to build; its file name is one of {sorted(RECIPES)}.")
   flags.DEFINE_string("data_dir", "data", "Where the datasets are (built there if missing).")
   app.run(main)
+
+
+def trained_on_run_dataset(path: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether `path` is a model of RECIPES trained on the dataset of the run of `config`."""
+  recipe = recipe_of(path)
+  return recipe is not None and (
+      recipe_config(recipe, config.data.data_dir).data.name == config.data.name)
+
+
+def for_validation(path: str, config: ml_collections.ConfigDict, directory: str) -> str:
+  """The model a run validating on `config.data.validation`'s fold starts from in place of `path`.
+
+  A model of RECIPES trained on the run's own dataset (glyphs_resnet18_ms: the `ms` run on every
+  training class) has seen the fold's validation classes: the same recipe is built (once, as `ensure`
+  builds) under `directory`/validation_<folds>_<fold>/, trained on the fold's training classes alone and
+  evaluated on its validation classes. Any other path (a backbone pretrained on other classes, a user's
+  own model) is returned as it is."""
+  validation = config.data.validation
+  if not validation.folds or not trained_on_run_dataset(path, config):
+    return path
+  fold_path = os.path.join(directory, f"validation_{validation.folds}_{validation.fold}",
+                           os.path.basename(path.rstrip(os.sep)))
+  ensure(fold_path, config.data.data_dir, [f"--config.data.validation.folds={validation.folds}",
+                                           f"--config.data.validation.fold={validation.fold}"])
+  return fold_path

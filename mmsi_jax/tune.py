@@ -28,6 +28,11 @@ trial's settings as a config file: `python -m mmsi_jax.main --config=<workdir>/<
 optuna's figures, optimization_history.png and param_importances.png (from two finished trials on).
 Each trial's runs are in trial_<number>/fold_<k>/: the trainer's outputs, its printed lines in train.log,
 its checkpoints removed (a trial is never resumed).
+
+A variant that starts from a model trained on the same dataset's training classes (configs/finetune.py's
+mmsi_ms: `init_from` the `ms` model, mmsi_jax/pretrain.py) would start each fold from a model that has
+seen its validation classes. Each fold starts instead from the same recipe trained on the fold's
+training classes alone, built once per study in validation_<folds>_<fold>/ (pretrain.for_validation).
 """
 
 import contextlib
@@ -57,7 +62,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_figures
 
-from mmsi_jax import config_check, config_cli, reporting, search_space, step, train
+from mmsi_jax import config_check, config_cli, pretrain, reporting, search_space, step, train
 from mmsi_jax import main as main_lib
 
 # --config (FILE:VARIANT, and its --config.a.b=value overrides for every trial) and --workdir (of every
@@ -186,6 +191,7 @@ def objective(trial: optuna.Trial, config: ml_collections.ConfigDict,
   values = []
   for index, (folds, fold) in enumerate(protocol.splits()):
     run_config = fold_config(config, settings, folds, fold)
+    run_config.init_from = pretrain.for_validation(run_config.init_from, run_config, directory)
     offset = index * run_config.train.num_steps  # The folds' steps follow one another in the reports.
 
     def report(step: int, metrics: dict) -> None:
@@ -468,10 +474,13 @@ def run_study(config: ml_collections.ConfigDict, protocol: Protocol, workdir: st
     print(f"Study {variant} in {directory}: {done} of {trials} trials done, {remaining} to run "
           f"({parallel} at once); {len(protocol.splits())} run(s) per trial; the space: "
           + ", ".join(space), flush=True)
-    if config.init_from:
-      print(f"Warning: init_from={config.init_from} starts every trial from a model trained on all "
-            f"the training classes, the validation classes included: its validation scores are "
-            f"optimistic.", flush=True)
+    if pretrain.trained_on_run_dataset(config.init_from, config):
+      print(f"init_from={config.init_from} was trained on every training class: each fold starts "
+            f"from the same recipe trained on the fold's training classes alone, built once in "
+            f"{directory}/validation_<folds>_<fold>/.", flush=True)
+    elif config.init_from:
+      print(f"Warning: init_from={config.init_from} starts every trial: if it was trained on the "
+            f"validation classes, the validation scores are optimistic.", flush=True)
     progress = StudyProgress(variant, trials, done)
 
     def on_end(trial: FrozenTrial) -> None:

@@ -18,8 +18,8 @@ import optuna
 import pytest
 
 from configs import default, demo, finetune
-from mmsi_jax import (compare, config_check, config_cli, reporting, run_record, search_space, step,
-                      train, tune)
+from mmsi_jax import (compare, config_check, config_cli, pretrain, reporting, run_record,
+                      search_space, step, train, tune)
 from mmsi_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +119,39 @@ def test_validation_folds_split_the_training_classes_and_the_test_split_is_never
   config.data.validation.folds = 1
   with pytest.raises(ValueError, match="data.validation.folds=1"):
     config_check.check_config(config)
+
+
+def test_a_model_trained_on_the_training_classes_is_rebuilt_on_the_folds_training_classes(
+    tmp_path, monkeypatch, capsys):
+  """configs/finetune.py:mmsi_ms starts from the `ms` model of every training class: each fold starts
+  from the `ms` recipe trained on its own training classes, built once (the training is recorded here,
+  not run); a backbone pretrained on other classes, or a run without validation classes, is kept."""
+  builds = []
+
+  def recorded_training(config, workdir):
+    builds.append((config.data.validation.to_dict(), config.data.name, workdir))
+    os.makedirs(workdir)  # As the trainer makes it.
+
+  monkeypatch.setattr(train, "train_and_evaluate", recorded_training)
+  config = finetune.get_config("mmsi_ms")
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.validation.update(folds=2, fold=1)
+  assert pretrain.trained_on_run_dataset(config.init_from, config)
+  directory = str(tmp_path / "study")
+  for _ in range(2):  # Built once; then found.
+    path = pretrain.for_validation(config.init_from, config, directory)
+    assert path == os.path.join(directory, "validation_2_1", "glyphs_resnet18_ms")
+  assert builds == [({"folds": 2, "fold": 1}, "glyphs", path)]
+  assert pretrain.is_built(path, pretrain.recipe_of(path))
+  assert f"{path} is missing: building it once" in capsys.readouterr().out
+  backbone = config.model.pretrained  # Trained on the 1,000 pretraining glyphs: other classes.
+  assert not pretrain.trained_on_run_dataset(backbone, config)
+  assert pretrain.for_validation(backbone, config, directory) == backbone
+  own_model = str(tmp_path / "runs" / "mine")
+  assert pretrain.for_validation(own_model, config, directory) == own_model
+  config.data.validation.folds = 0
+  assert pretrain.for_validation(config.init_from, config, directory) == config.init_from
+  assert len(builds) == 1
 
 
 def test_a_study_resumes_to_n_trials_in_all_and_a_failing_trial_is_reported(study):
