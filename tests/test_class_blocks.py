@@ -13,6 +13,7 @@ import pytest
 from mmsi_jax import losses, step
 from mmsi_jax.losses.class_blocks import ClassBlocks, ClassGroups, blocked_loss
 from mmsi_jax.models import l2_normalize
+from tests import conftest
 from tests.test_every_loss import unit
 
 ROWS, C, D = 9, 11, 6  # Rows, classes per group, embedding size.
@@ -206,9 +207,7 @@ def test_classes_sharded_over_4_devices_give_the_results_of_one():
   """Classes split over 4 CPU devices: the loss equals the whole one (float64 1e-10), a train step the
   unsharded step, and a checkpoint restores on 2 and 1 devices (tests/sharded_classes.py)."""
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
   done = subprocess.run([sys.executable, "-m", "tests.sharded_classes"], capture_output=True,
-                        text=True, env=env, timeout=600,
+                        text=True, env=conftest.host_devices_env(4), timeout=600,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

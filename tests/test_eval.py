@@ -21,6 +21,7 @@ from scipy import stats
 from configs import demo
 from mmsi_jax.eval import figures, kmeans, nearest_neighbors, nmi, normalized_mutual_information
 from mmsi_jax.eval import evaluator, retrieval, retrieval_metrics
+from tests import conftest
 
 
 def brute_force_order(sim_row: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -237,7 +238,7 @@ def test_sharded_over_four_devices_gives_the_same_results():
   rng = np.random.default_rng(5)
   labels = unequal_labels(rng, 50)
   embeddings = tied_embeddings(rng, labels)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = conftest.host_devices_env(4)
   output = subprocess.run(
       [sys.executable, "-c", _SHARDED_SCRIPT.replace("SHARDED_KS", repr(_SHARDED_KS)),
        json.dumps(embeddings.tolist()), json.dumps(labels.tolist())],

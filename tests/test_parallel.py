@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mmsi_jax import reporting, train
+from tests import conftest
 from tests.test_train import REPO, latest_params, tiny_config
 
 TRAIN = """
@@ -23,7 +24,7 @@ from mmsi_jax import train
 from tests.test_train import tiny_config
 train.train_and_evaluate(tiny_config(sys.argv[1], num_steps=10, miner="mmsi"), sys.argv[2])
 """
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+ENV = conftest.host_devices_env(2)
 
 
 def coordinator_address() -> str:
