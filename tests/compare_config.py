@@ -20,7 +20,7 @@ def get_config(variant: str = "ms"):
   config.optim.update(learning_rate=5e-3, warmup_steps=2, schedule="constant")
   config.train.num_steps = 4
   config.train.log_every = 2
-  config.train.eval_every = 2
+  config.train.eval_every = 4  # One evaluation, the final one (and step 0's baseline).
   config.train.checkpoint_every = 2
   config.eval.nmi = False
   config.eval.grid_queries = 2
