@@ -136,6 +136,31 @@ def ensure(path: str, data_dir: str = "data", overrides: Sequence[str] = ()) -> 
     print(f"Built {path} in {time.perf_counter() - started:.0f} s.\n", flush=True)
 
 
+def trained_on_run_dataset(path: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether `path` is a model of RECIPES trained on the dataset of the run of `config`."""
+  recipe = recipe_of(path)
+  return recipe is not None and (
+      recipe_config(recipe, config.data.data_dir).data.name == config.data.name)
+
+
+def for_validation(path: str, config: ml_collections.ConfigDict, directory: str) -> str:
+  """The model a run validating on `config.data.validation`'s fold starts from in place of `path`.
+
+  A model of RECIPES trained on the run's own dataset (glyphs_resnet18_ms: the `ms` run on every
+  training class) has seen the fold's validation classes: the same recipe is built (once, as `ensure`
+  builds) under `directory`/validation_<folds>_<fold>/, trained on the fold's training classes alone and
+  evaluated on its validation classes. Any other path (a backbone pretrained on other classes, a user's
+  own model) is returned as it is."""
+  validation = config.data.validation
+  if not validation.folds or not trained_on_run_dataset(path, config):
+    return path
+  fold_path = os.path.join(directory, f"validation_{validation.folds}_{validation.fold}",
+                           os.path.basename(path.rstrip(os.sep)))
+  ensure(fold_path, config.data.data_dir, [f"--config.data.validation.folds={validation.folds}",
+                                           f"--config.data.validation.fold={validation.fold}"])
+  return fold_path
+
+
 def ensure_inputs(config: ml_collections.ConfigDict) -> None:
   """Builds the pretrained models a run starts from (`model.pretrained`, `init_from`) if missing."""
   ensure(config.model.get("pretrained", ""), config.data.data_dir)
@@ -161,28 +186,3 @@ if __name__ == "__main__":  # The flags are the command's: a training run import
                       f"The model to build; its file name is one of {sorted(RECIPES)}.")
   flags.DEFINE_string("data_dir", "data", "Where the datasets are (built there if missing).")
   app.run(main)
-
-
-def trained_on_run_dataset(path: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether `path` is a model of RECIPES trained on the dataset of the run of `config`."""
-  recipe = recipe_of(path)
-  return recipe is not None and (
-      recipe_config(recipe, config.data.data_dir).data.name == config.data.name)
-
-
-def for_validation(path: str, config: ml_collections.ConfigDict, directory: str) -> str:
-  """The model a run validating on `config.data.validation`'s fold starts from in place of `path`.
-
-  A model of RECIPES trained on the run's own dataset (glyphs_resnet18_ms: the `ms` run on every
-  training class) has seen the fold's validation classes: the same recipe is built (once, as `ensure`
-  builds) under `directory`/validation_<folds>_<fold>/, trained on the fold's training classes alone and
-  evaluated on its validation classes. Any other path (a backbone pretrained on other classes, a user's
-  own model) is returned as it is."""
-  validation = config.data.validation
-  if not validation.folds or not trained_on_run_dataset(path, config):
-    return path
-  fold_path = os.path.join(directory, f"validation_{validation.folds}_{validation.fold}",
-                           os.path.basename(path.rstrip(os.sep)))
-  ensure(fold_path, config.data.data_dir, [f"--config.data.validation.folds={validation.folds}",
-                                           f"--config.data.validation.fold={validation.fold}"])
-  return fold_path

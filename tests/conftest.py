@@ -70,8 +70,8 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
   jax.config.update("jax_disable_most_optimizations",
                     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
-  # XLA's CPU fusion emitters compile the suite's programs about twice slower than its older emitters
-  # (same values up to rounding); read when the backend starts, here and in subprocesses.
+  # XLA's CPU fusion emitters take about twice as long as its older emitters to compile the suite's
+  # programs (same values up to rounding); read when the backend starts, here and in subprocesses.
   # MMSI_JAX_TEST_FUSION_EMITTERS=1 tests with them.
   if os.environ.get("MMSI_JAX_TEST_FUSION_EMITTERS", "0").lower() not in ("1", "true"):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false"
