@@ -7,6 +7,7 @@ sources).
 from configs import real_datasets
 
 VARIANTS = real_datasets.VARIANTS  # Every variant, as `python -m mmsi_jax.compare` runs them.
+BASELINES = real_datasets.BASELINES  # Each method's, for compare's verdicts.
 
 
 def get_config(variant: str = "ms"):

@@ -98,6 +98,19 @@ BN_INCEPTION_VARIANTS = {
 }
 EXTRA_VARIANTS = tuple(BN_INCEPTION_VARIANTS)
 
+# Each method's baseline, the run without the method (`compare` tests whether the method helps against
+# it): the same loss without MMSI, XBM, MemVir or Smart Mining's batches; OSM's contrastive loss on
+# distances without its weights; for Smart Mining's own loss, semi-hard triplets on P x K batches (its
+# paper's comparison).
+BASELINES = {
+    **{f"mmsi_{name}": name for name in PAIR_LOSSES}, "xbm_ms": "ms", "xbm_contrastive": "contrastive",
+    **{f"memvir_{name}": name for name in PROXY_LOSSES},
+    "osm": "distance_contrastive", "osm_caa": "distance_contrastive",
+    "smart_mining_triplet": "triplet", "smart_mining": "triplet_semihard",
+    "bn_inception_osm_caa": "bn_inception_distance_contrastive",
+    "bn_inception_osm_caa_authors_layout": "bn_inception_distance_contrastive_authors_layout",
+}
+
 
 def get_config(variant: str = ""):
   if variant in BN_INCEPTION_VARIANTS:

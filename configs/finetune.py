@@ -45,6 +45,9 @@ NUM_STEPS = 400
 LEARNING_RATE = 5e-5
 START_STEP = 100  # XBM's memory, MemVir's virtual classes: from a quarter of the run.
 VARIANTS = (*demo.VARIANTS, "ms_continued")
+# Each method's baseline (configs/demo.py); MMSI's continues from the same model.
+BASELINES = {method: baseline for method, baseline in {**demo.BASELINES, "mmsi_ms": "ms_continued"}.items()
+             if method in VARIANTS}
 # BatchNorm trained in their authors' code; every other variant freezes the running statistics.
 TRAINED_BN = ("xbm_ms", "xbm_contrastive", "distance_contrastive", "osm", "osm_caa")
 

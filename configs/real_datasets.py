@@ -158,6 +158,9 @@ MEMVIR_STEPS = {"proxy_nca": (20, 25)}  # (N, M) where not (45, 10).
 SOP_CLASS_BLOCK = 2048
 MEMVIR_VARIANTS = tuple(f"memvir_{name}" for name in (*MEMVIR_BASELINES, "proxy_anchor"))
 VARIANTS += MEMVIR_VARIANTS
+# Each method's baseline, the run without it (`compare` tests whether the method helps against it).
+BASELINES = {"mmsi_ms": "ms", "mmsi_contrastive": "contrastive", "xbm_ms": "ms",
+             "xbm_contrastive": "contrastive", **{v: v.removeprefix("memvir_") for v in MEMVIR_VARIANTS}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,10 @@ study found best (TUNE_WORKDIR/<variant>/tuned_config.py), as the row "<variant>
 <workdir>/<variant>_tuned/seed_<seed>; a variant without a study runs its authors' settings alone, and
 one whose study found its authors' settings best has them as its tuned runs too; each says so.
 results.md then ends with a table of each variant's authors' and tuned settings side by side.
+
+Where the config module names each method's baseline (`BASELINES`, {method: baseline}) and both are run,
+results.md ends with whether each method helps: its gain over the baseline on test MAP@R with Welch's
+95% interval over the seeds, and the verdict (help_verdict); with --tuned, tuned against tuned too.
 """
 
 import contextlib
@@ -39,6 +43,7 @@ from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
+from scipy import stats
 
 from mmsi_jax import config_cli
 from mmsi_jax import main as main_lib
@@ -60,6 +65,9 @@ _RUN = flags.DEFINE_bool("run", True, "Run what is not finished; --norun: only w
                          "figures of the runs there are (also while another compare runs them).")
 _TUNED = flags.DEFINE_string("tuned", "", "The workdir of mmsi_jax.tune: each variant also runs with "
                              "its tuned settings, <tuned>/<variant>/tuned_config.py, where it has them.")
+_MARGIN = flags.DEFINE_float("verdict_margin", 0.005, "The smallest gain in test MAP@R over its baseline "
+                             "that counts as helping: a method whose gain is shown to be below it (the "
+                             "95% interval's upper end) does not help.")
 
 POLL_SECONDS = 5.0  # How often the running runs are checked.
 PROGRESS_SECONDS = 60.0  # Most seconds between two progress lines.
@@ -67,6 +75,8 @@ STATUS_FILE = "compare.json"  # In each run's workdir: wall seconds spent, attem
 LOG_FILE = "run.log"  # In each run's workdir: the run's stdout and stderr, every attempt appended.
 LOCK_FILE = "compare.lock"  # In the comparison's workdir while a compare runs there: its process id.
 PRIMARY_METRIC = "recall@1"
+VERDICT_METRIC = "map@r"  # The tuning objective (A Metric Learning Reality Check's main metric).
+CONFIDENCE = 0.95
 TUNED = " (tuned)"  # The row of a variant run with its tuned settings.
 
 
@@ -394,6 +404,62 @@ def tuned_table(rows: list[dict], variants: list[str], tuned: dict[str, Any], tu
   return lines
 
 
+def help_verdict(method: list[float], baseline: list[float], margin: float
+                 ) -> tuple[float, float, float, str]:
+  """(gain, low, high, verdict) of a method's final test values over seeds against its baseline's: the
+  difference of their means and its CONFIDENCE interval, Welch's (the two variants' seeds are
+  independent, their spreads may differ). The method helps if the interval lies above 0, does not help
+  if it lies below `margin` (the smallest gain that counts), and otherwise the seeds cannot tell."""
+  gain = float(np.mean(method) - np.mean(baseline)) if method and baseline else math.nan
+  if len(method) < 2 or len(baseline) < 2:
+    return gain, math.nan, math.nan, "cannot tell: under 2 seeds"
+  low, high = stats.ttest_ind(method, baseline, equal_var=False).confidence_interval(CONFIDENCE)
+  if low > 0:
+    return gain, low, high, "helps"
+  if high < margin:
+    return gain, low, high, "does not help" + (" (worse)" if high < 0 else "")
+  return gain, low, high, "cannot tell"
+
+
+def verdict_table(runs: list[Run], variants: list[str], baselines: dict[str, str],
+                  tuned: Optional[dict[str, Any]], margin: float) -> list[str]:
+  """Markdown lines: each method of `baselines` ({method: its baseline}) whose baseline is among
+  `variants`, against it on test VERDICT_METRIC (help_verdict), with their authors' settings and, where
+  `tuned` (tuned_studies) is given, with their tuned ones."""
+  def values(row: str) -> list[float]:
+    return [m[VERDICT_METRIC] for m in (r.final_metrics() for r in runs if r.variant == row)
+            if m is not None]
+
+  def tuned_row(variant: str) -> tuple[str, str]:
+    study = tuned.get(variant)
+    if study is None:
+      return variant, "authors' (no study)"
+    return (variant, "tuned: the authors'") if study.AUTHORS else (variant + TUNED, "tuned")
+
+  pairs = [(m, b) for m, b in baselines.items() if m in variants and b in variants]
+  if not pairs:
+    return []
+  settings = [lambda v: (v, "authors'")] + ([tuned_row] if tuned is not None else [])
+  lines = ["", "## Does each method help?", "",
+           f"Each method against its baseline on test {VERDICT_METRIC}: the gain in the mean over seeds "
+           f"and its {CONFIDENCE:.0%} interval (Welch's). Helps: the interval lies above 0; does not "
+           f"help: it lies below {margin:g}, the smallest gain that counts (--verdict_margin); else "
+           "the seeds cannot tell.", "",
+           f"| method | baseline | settings, method / baseline | method {VERDICT_METRIC} | baseline "
+           f"{VERDICT_METRIC} | gain [{CONFIDENCE:.0%} interval] | verdict |", "|" + "---|" * 7]
+  for method, baseline in pairs:
+    for setting in settings:
+      (method_row, method_label), (baseline_row, baseline_label) = setting(method), setting(baseline)
+      method_values, baseline_values = values(method_row), values(baseline_row)
+      gain, low, high, verdict = help_verdict(method_values, baseline_values, margin)
+      interval = "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
+      lines.append("| " + " | ".join([
+          method, baseline, f"{method_label} / {baseline_label}",
+          *(_cell(*_mean_sd(v)) for v in (method_values, baseline_values)),
+          ("" if math.isnan(gain) else f"{gain:+.4f}") + interval, verdict]) + " |")
+  return lines
+
+
 def draw_figures(runs: list[Run], variants: list[str], workdir: str) -> list[str]:
   """<workdir>/recall_at_1.png: test Recall@1 over training steps per variant, mean and a +-sd band over
   seeds; final_recall_at_1.png: final Recall@1 per variant with +-sd error bars. Finished runs only."""
@@ -531,7 +597,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {unexpected}")
   overrides = config_overrides(argv[1:])  # main_lib.parse_flags returns them after the others.
   config_path = FLAGS.config
-  _, variants = select_variants(config_path, _VARIANTS.value)
+  module, variants = select_variants(config_path, _VARIANTS.value)
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
@@ -564,9 +630,12 @@ def main(argv: list[str]) -> None:
     rows = summarize(runs, configs)
     write_csv(rows, os.path.join(workdir, "results.csv"))
     write_markdown(rows, os.path.join(workdir, "results.md"), title)
-    if _TUNED.value:
+    lines = tuned_table(rows, variants, tuned, _TUNED.value) if _TUNED.value else []
+    lines += verdict_table(runs, variants, getattr(module, "BASELINES", {}),
+                           tuned if _TUNED.value else None, _MARGIN.value)
+    if lines:
       with open(os.path.join(workdir, "results.md"), "a") as f:
-        f.write("\n".join(tuned_table(rows, variants, tuned, _TUNED.value)) + "\n")
+        f.write("\n".join(lines) + "\n")
 
   if _RUN.value:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("Stopped: the runs resume on the next call."))

@@ -13,7 +13,7 @@ from absl import app
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import cars196, cub200, demo, finetune, sop
 from mmsi_jax import compare, reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +141,35 @@ def test_each_variant_is_timed_against_its_plain_loss():
   assert counterparts["proxy_anchor"] == "proxy_anchor"  # A proxy loss is its own plain loss.
   del configs["ms"]
   assert compare.plain_counterpart(demo.get_config("mmsi_ms"), configs) is None
+
+
+T_975_4_DOF = 2.7764451051977987  # Student's t, 97.5% quantile, 4 degrees of freedom.
+
+
+@pytest.mark.parametrize("method, baseline, verdict", [
+    ([0.56, 0.57, 0.58], [0.50, 0.51, 0.52], "helps"),
+    ([0.52, 0.53, 0.54], [0.50, 0.51, 0.52], "cannot tell"),
+    ([0.46, 0.47, 0.48], [0.50, 0.51, 0.52], "does not help (worse)"),
+    ([0.510, 0.511, 0.512], [0.510, 0.511, 0.512], "does not help"),  # No gain of 0.005 or more.
+])
+def test_a_method_helps_when_welchs_interval_of_its_gain_lies_above_zero(method, baseline, verdict):
+  gain, low, high, said = compare.help_verdict(method, baseline, margin=0.005)
+  # Three seeds a side with equal spreads: Welch's interval has 4 degrees of freedom.
+  standard_error = np.sqrt(np.var(method, ddof=1) / 3 + np.var(baseline, ddof=1) / 3)
+  expected_gain = np.mean(method) - np.mean(baseline)
+  np.testing.assert_allclose([gain, low, high], [expected_gain, expected_gain - T_975_4_DOF *
+                             standard_error, expected_gain + T_975_4_DOF * standard_error], rtol=1e-9)
+  assert said == verdict
+  assert compare.help_verdict([0.6], baseline, margin=0.005)[3] == "cannot tell: under 2 seeds"
+
+
+@pytest.mark.parametrize("module", [demo, finetune, cub200, cars196, sop])
+def test_every_method_has_its_baseline_among_the_configs_variants(module):
+  variants = set(module.VARIANTS) | set(getattr(module, "EXTRA_VARIANTS", ()))
+  assert all(m in variants and b in variants and m != b for m, b in module.BASELINES.items())
+  methods = {v for v in variants if v.startswith(("mmsi_", "xbm_ms", "xbm_contrastive", "memvir_"))
+             and not v.endswith("_resnet50")}
+  assert methods <= set(module.BASELINES)
 
 
 def test_bad_arguments_stop_before_any_run():

@@ -357,3 +357,14 @@ def test_compare_runs_each_variant_with_its_tuned_settings_beside_its_authors(gl
   assert "the authors' (trial 0) | 0.5000 | 0.5000 | 0.5050 ± 0.0071 | 0.5050 ± 0.0071" in \
       rows["contrastive"]
   assert "none: no study |  |  | 0.5050 ± 0.0071 |  |" in rows["broken"]
+  # Does each method help: authors' against authors', tuned against tuned (the authors' settings where
+  # the study found them best, where there is no study).
+  lines = compare.verdict_table(runs, variants, {"contrastive": "ms", "broken": "contrastive"}, studies,
+                                margin=0.005)
+  rows = [line for line in lines if line.startswith("| contrastive") or line.startswith("| broken")]
+  assert [row.split(" | ")[2] for row in rows] == [
+      "authors' / authors'", "tuned: the authors' / tuned", "authors' / authors'",
+      "authors' (no study) / tuned: the authors'"]
+  assert rows[1].endswith("| 0.5050 ± 0.0071 | 0.6050 ± 0.0071 | -0.1000 [-0.1304, -0.0696] | "
+                          "does not help (worse) |")
+  assert all(row.endswith("| cannot tell |") for row in rows[::2] + rows[3:])
